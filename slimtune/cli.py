@@ -1,0 +1,178 @@
+"""The `slimtune` command: one verb per task, each mapped to one function (the map is guarded by a test).
+
+Config-driven verbs (`train`, `bench`) take YAML files and `key=value` overrides; `slimtune train --help` lists
+every key. Problems the user can fix are printed as one line starting with `error:` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from slimtune.errors import SlimtuneError
+
+
+def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate YAML files from key=value overrides (in the order given)."""
+    files, overrides = [], []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif item.endswith((".yaml", ".yml")):
+            files.append(item)
+        else:
+            raise SlimtuneError(f"unexpected argument {item!r}: give a config.yaml file or key=value (e.g. batch_size=8)")
+    return files, overrides
+
+
+def _train_config(items: list[str]):
+    from slimtune.config import TrainConfig, make_config
+
+    files, overrides = _split_config_args(items)
+    return make_config(TrainConfig, files, overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# verbs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from slimtune.data.prepare import prepare
+
+    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   progress=not args.no_progress)
+    print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']:,} ({meta['tokenizer']['kind']}), dtype {meta['dtype']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slimtune.train.loop import train
+
+    result = train(_train_config(args.config))
+    return 130 if result.stopped_by_signal else 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from slimtune.sample import sample
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise SlimtuneError("give either --prompt or --prompt-file, not both")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise SlimtuneError(f"prompt file {path} does not exist")
+        prompt = path.read_text(encoding="utf-8")
+    texts = sample(args.checkpoint, prompt=prompt or "\n", num_samples=args.num_samples,
+                   max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed, device=args.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"---------- sample {i + 1}")
+        print(text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from slimtune.bench import format_report, run_bench
+
+    result = run_bench(_train_config(args.config), steps=args.steps, warmup=args.warmup)
+    print(format_report(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slimtune.demo import run_demo
+
+    run_demo(out_dir=args.out, quick=args.quick)
+    return 0
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "bench": cmd_bench,
+    "demo": cmd_demo,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtune",
+        description="Train and fine-tune language models that do not fit the hardware you have.",
+        epilog="Run `slimtune VERB --help` for the options of a verb.",
+    )
+    from slimtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"slimtune {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin token memmaps",
+                       description="Tokenize text file(s) into OUT/train.bin, OUT/val.bin and OUT/meta.json.")
+    p.add_argument("inputs", nargs="+", help="UTF-8 text files (concatenated in the order given)")
+    p.add_argument("--out", required=True, help="output folder (replaced if it is an existing data folder)")
+    p.add_argument("--tokenizer", default="char",
+                   help="'char' (a character vocabulary built from the text) or a Hugging Face tokenizer folder")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens (the last ones) for validation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from slimtune.config import TrainConfig, help_text
+
+    config_help = "YAML config files and key=value overrides (section.key=value for sections)"
+    p = sub.add_parser("train", help="train a model (from scratch, or fine-tune) with one of the methods",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Train according to YAML files and key=value overrides, e.g.\n"
+                                   "  slimtune train configs/char_gpt.yaml max_iters=500 batch_size=8",
+                       epilog="config keys:\n" + help_text(TrainConfig))
+    p.add_argument("config", nargs="*", help=config_help)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint",
+                       description="Generate text from a step-NNNNNN checkpoint folder written by slimtune train.")
+    p.add_argument("checkpoint", help="a step-NNNNNN folder, or an out_dir (its newest checkpoint is used)")
+    p.add_argument("--prompt", help="text to continue (default: a newline)")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--num-samples", type=int, default=1, help="number of samples")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=int, default=200, help="sample only among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+    p = sub.add_parser("bench", help="time forward+backward+step: tokens/s, FLOP/s, MFU, peak memory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Benchmark one training step for a model config and batch (synthetic tokens), e.g.\n"
+                                   "  slimtune bench n_layer=6 n_head=6 n_embd=384 block_size=256 batch_size=8",
+                       epilog="config keys: the same as `slimtune train --help` (data is not needed)")
+    p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+
+    p = sub.add_parser("demo", help="the built-in demo: train, evaluate and sample on a built-in task",
+                       description="Run slimtune's built-in demo end to end on this machine.")
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for smoke tests)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.verb](args)
+    except SlimtuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

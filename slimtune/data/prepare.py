@@ -1,0 +1,177 @@
+"""`slimtune prepare`: text file(s) → `train.bin` / `val.bin` token memmaps plus `meta.json`.
+
+Files are streamed in chunks, so a corpus larger than memory works; a progress bar shows the bytes read. The
+token dtype is uint16 when the vocabulary fits (half the disk and page cache of uint32), uint32 otherwise.
+The last `val_fraction` of the tokens becomes the validation split.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from slimtune.data.tokenizer import CharTokenizer, HFTokenizer
+from slimtune.errors import SlimtuneError
+
+CHUNK_BYTES = 4 << 20  # 4 MiB of text per read
+PROGRESS_MIN_BYTES = 16 << 20  # show a progress bar for inputs larger than this
+
+
+def _line_of(path: Path, offset: int) -> int:
+    """1-based line number of byte `offset` in `path`."""
+    with open(path, "rb") as f:
+        return f.read(offset).count(b"\n") + 1
+
+
+def iter_text(paths: list[Path], progress: bool = True):
+    """Yield decoded text chunks of every file in turn; a chunk never ends inside a line (so no token is split).
+
+    Invalid UTF-8 raises a SlimtuneError naming the file, byte offset and line.
+    """
+    total = sum(p.stat().st_size for p in paths)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=not progress or total < PROGRESS_MIN_BYTES)
+    try:
+        for path in paths:
+            decoder = codecs.getincrementaldecoder("utf-8")()
+            offset = 0  # bytes of this file handed to the decoder so far
+            carry = ""
+            with open(path, "rb") as f:
+                while True:
+                    raw = f.read(CHUNK_BYTES)
+                    final = not raw
+                    pending = len(decoder.getstate()[0])  # undecoded bytes carried from the previous chunk
+                    try:
+                        text = decoder.decode(raw, final=final)
+                    except UnicodeDecodeError as exc:
+                        bad = offset - pending + exc.start
+                        raise SlimtuneError(
+                            f"{path}: not valid UTF-8 at byte offset {bad} (line {_line_of(path, bad)}): "
+                            f"byte 0x{(raw[exc.start - pending] if exc.start >= pending else 0):02x}. "
+                            f"Convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove that byte."
+                        ) from None
+                    offset += len(raw)
+                    bar.update(len(raw))
+                    text = carry + text
+                    if final:
+                        if text:
+                            yield text
+                        break
+                    cut = text.rfind("\n") + 1
+                    if cut == 0:
+                        carry = text
+                        continue
+                    carry = text[cut:]
+                    yield text[:cut]
+    finally:
+        bar.close()
+
+
+def _char_vocab(paths: list[Path], progress: bool) -> CharTokenizer:
+    seen: set[int] = set()
+    for text in iter_text(paths, progress):
+        seen.update(np.unique(np.frombuffer(text.encode("utf-32-le"), dtype="<u4")).tolist())
+    return CharTokenizer.from_code_points(seen)
+
+
+def _encode_chars(tokenizer: CharTokenizer, text: str) -> np.ndarray:
+    table = np.array(sorted(ord(c) for c in tokenizer.chars), dtype=np.uint32)
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    return np.searchsorted(table, cps)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "char", val_fraction: float = 0.1,
+            progress: bool = True) -> dict:
+    """Tokenize `inputs` into `out_dir`/{train.bin, val.bin, meta.json}; returns the meta dict.
+
+    tokenizer: "char" (vocabulary built from the corpus) or the path of a Hugging Face tokenizer folder.
+    """
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise SlimtuneError("slimtune prepare needs at least one input text file")
+    for p in paths:
+        if not p.is_file():
+            raise SlimtuneError(f"input file {p} does not exist")
+    if not 0.0 < val_fraction < 1.0:
+        raise SlimtuneError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    out_dir = Path(out_dir)
+
+    if tokenizer == "char":
+        tok = _char_vocab(paths, progress)
+        encode = lambda text: _encode_chars(tok, text)  # noqa: E731
+    else:
+        tok = HFTokenizer(tokenizer)
+        encode = lambda text: np.asarray(tok.encode(text), dtype=np.int64)  # noqa: E731
+    if tok.vocab_size == 0:
+        raise SlimtuneError(f"the input files ({', '.join(map(str, paths))}) contain no text")
+    dtype = token_dtype(tok.vocab_size)
+
+    # Write into a temporary sibling folder, then rename: a crash never leaves a half-written data folder.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        n_tokens = 0
+        with open(tmp / "all.bin", "wb") as f:
+            for text in iter_text(paths, progress):
+                ids = encode(text)
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens += len(ids)
+        if n_tokens == 0:
+            raise SlimtuneError(f"the input files ({', '.join(map(str, paths))}) contain no tokens")
+        all_ids = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
+        n_val = max(1, int(n_tokens * val_fraction))
+        n_train = n_tokens - n_val
+        all_ids[:n_train].tofile(tmp / "train.bin")
+        all_ids[n_train:].tofile(tmp / "val.bin")
+        del all_ids
+        (tmp / "all.bin").unlink()
+        if isinstance(tok, HFTokenizer):
+            tok.save(tmp)
+        meta = {
+            "tokenizer": tok.describe(),
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "train_tokens": int(n_train),
+            "val_tokens": int(n_val),
+            "sources": [str(p.resolve()) for p in paths],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+        if out_dir.exists():
+            if not (out_dir / "meta.json").is_file():
+                raise SlimtuneError(f"{out_dir} exists and is not a slimtune data folder; choose another --out")
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def read_meta(data_dir: str | Path) -> dict:
+    """Load and check `meta.json` of a prepared data folder."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise SlimtuneError(
+            f"data folder {data_dir} does not exist; create it with `slimtune prepare INPUT.txt --out {data_dir}`"
+        )
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise SlimtuneError(f"{meta_path} is missing: {data_dir} was not written by `slimtune prepare`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SlimtuneError(f"{meta_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    for key in ("vocab_size", "dtype", "tokenizer"):
+        if key not in meta:
+            raise SlimtuneError(f"{meta_path} lacks the key {key!r}; re-run slimtune prepare")
+    return meta

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small text corpus, a prepared data folder, tiny configs, one cache dir per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "eval_iters=2", "progress=false",
+        "plot=false", "warmup_iters=2"]
+
+
+def pytest_configure(config):
+    # One cache for the whole run (and the subprocesses it starts): the matmul peak is measured once.
+    if "SLIMTUNE_CACHE" not in os.environ:
+        root = Path(config.rootpath) / ".pytest_cache" / "slimtune"
+        root.mkdir(parents=True, exist_ok=True)
+        os.environ["SLIMTUNE_CACHE"] = str(root)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    from slimtune.data.corpus import write_python_docs
+
+    return write_python_docs(tmp_path_factory.mktemp("corpus") / "docs.txt", max_chars=60_000)
+
+
+@pytest.fixture(scope="session")
+def char_data(corpus_file, tmp_path_factory) -> Path:
+    from slimtune.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "chars"
+    prepare([corpus_file], out, tokenizer="char", progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_args(char_data, tmp_path) -> list[str]:
+    """key=value overrides for a tiny, fast training run writing into tmp_path/out."""
+    return [f"data={char_data}", f"out_dir={tmp_path / 'out'}", *TINY]

@@ -1,0 +1,81 @@
+"""Crash and signal recovery: a resumed run reproduces the uninterrupted run's losses bit for bit (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slimtune import cli
+from slimtune.train.checkpoint import list_checkpoints
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def train_args(data, out, *extra):
+    # dropout > 0 so the RNG state matters; cosine schedule pinned to 20 steps so max_iters does not change it.
+    return ["train", f"data={data}", f"out_dir={out}", *TINY, "dropout=0.1", "log_interval=1", "lr_decay_iters=20",
+            "eval_interval=0", "threads=1", *extra]
+
+
+def spawn(args, **env):
+    return subprocess.Popen([sys.executable, "-m", "slimtune", *map(str, args)], cwd=ROOT,
+                            env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_is_bit_identical(char_data, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert cli.main(train_args(char_data, straight, "max_iters=20")) == 0
+
+    # The same run, SIGKILLed right after its step-10 checkpoint (as an OOM kill or preemption would).
+    proc = spawn(train_args(char_data, crashed, "max_iters=20", "save_interval=10"), SLIMTUNE_FAULT_KILL_AT_STEP="10")
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(crashed)] == ["step-000010"]
+
+    assert cli.main(train_args(char_data, crashed, "max_iters=20", "save_interval=10")) == 0  # resume=auto
+    a, b = losses(straight), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    assert a == b  # exact float equality, every step
+
+
+def test_sigint_saves_and_resume_continues_exactly(char_data, tmp_path):
+    out = tmp_path / "interrupted"
+    args = train_args(char_data, out, "max_iters=400", "decay_lr=false", "warmup_iters=0")
+    proc = spawn(args)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    stopped_at = max(losses(out))
+    assert stopped_at < 400
+    assert [p.name for p in list_checkpoints(out)] == [f"step-{stopped_at:06d}"]
+    assert "stopped by signal" in stdout
+
+    total = stopped_at + 5
+    assert cli.main(train_args(char_data, out, f"max_iters={total}", "decay_lr=false", "warmup_iters=0")) == 0
+    straight = tmp_path / "straight"
+    assert cli.main(train_args(char_data, straight, f"max_iters={total}", "decay_lr=false", "warmup_iters=0")) == 0
+    assert losses(out) == losses(straight)
+
+
+def test_resume_auto_starts_fresh_without_checkpoint_and_never_ignores_one(char_data, tmp_path):
+    out = tmp_path / "o"
+    assert cli.main(train_args(char_data, out, "max_iters=3")) == 0
+    first = losses(out)
+    assert cli.main(train_args(char_data, out, "max_iters=3", "resume=never")) == 0
+    assert losses(out) == first  # resume=never retrains from scratch: the same seed gives the same losses
