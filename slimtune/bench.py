@@ -15,7 +15,7 @@ import torch
 from slimtune.config import TrainConfig
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision, synchronize
 from slimtune.memory import format_bytes, peak_memory_bytes
-from slimtune.train.loop import build_model, build_optimizer
+from slimtune.train.loop import build_model, build_optimizer, clip_gradients
 
 
 @dataclass
@@ -59,7 +59,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
                 _, loss = model(inputs, targets)
             (loss / cfg.grad_accum).backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+            clip_gradients(optimizer, params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)

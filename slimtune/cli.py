@@ -41,7 +41,14 @@ def _train_config(items: list[str]):
 def cmd_prepare(args: argparse.Namespace) -> int:
     from slimtune.data.prepare import prepare
 
-    meta = prepare(args.inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+    inputs = list(args.inputs)
+    if args.builtin == "python-docs":
+        from slimtune.data.corpus import write_python_docs
+
+        inputs.append(write_python_docs(Path(args.out).with_name(Path(args.out).name + "-source.txt")))
+    if not inputs:
+        raise SlimtuneError("give input text files, or --builtin python-docs for the built-in corpus")
+    meta = prepare(inputs, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    progress=not args.no_progress)
     print(f"wrote {args.out}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']:,} ({meta['tokenizer']['kind']}), dtype {meta['dtype']}")
@@ -113,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin token memmaps",
                        description="Tokenize text file(s) into OUT/train.bin, OUT/val.bin and OUT/meta.json.")
-    p.add_argument("inputs", nargs="+", help="UTF-8 text files (concatenated in the order given)")
+    p.add_argument("inputs", nargs="*", help="UTF-8 text files (concatenated in the order given)")
+    p.add_argument("--builtin", choices=["python-docs"],
+                   help="add a built-in corpus that needs no download (python-docs: the standard library's docstrings)")
     p.add_argument("--out", required=True, help="output folder (replaced if it is an existing data folder)")
     p.add_argument("--tokenizer", default="char",
                    help="'char' (a character vocabulary built from the text) or a Hugging Face tokenizer folder")

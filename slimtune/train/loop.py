@@ -100,6 +100,15 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, n_train_
                           active_modules=list(cfg.badam.active_modules), seed=cfg.seed, verbose=1 if verbose else 0)
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm. A method that keeps gradients elsewhere (BAdam's fp32 buffers for bf16
+    weights) provides its own `clip_grad_norm_`; otherwise the parameters' `.grad` are clipped."""
+    own = getattr(optimizer, "clip_grad_norm_", None)
+    if own is not None:
+        return own(max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
 def _check_same_architecture(saved: dict, current: dict, ckpt: Path) -> None:
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if diff:
@@ -278,7 +287,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                 scaler.unscale_(optimizer)
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip, foreach=True)
+                grad_norm = clip_gradients(optimizer, trainable, cfg.grad_clip)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()

@@ -1,0 +1,104 @@
+"""slimtune train vs nanoGPT's own train.py, same machine, same model, same data, runs interleaved.
+
+    python benchmarks/nanogpt_compare.py --nanogpt /path/to/nanoGPT [--iters 200] [--rounds 3]
+
+nanoGPT is not a dependency: pass a checkout of https://github.com/karpathy/nanoGPT (read-only use; its data
+preparation needs a download, so this script writes its data folder from slimtune's built-in corpus instead).
+Both run the README's CPU configuration: n_layer=4 n_head=4 n_embd=128 block_size=64 batch_size=12 dropout=0,
+fp32, no compile, eval_iters=20. The score is the median milliseconds per iteration, excluding iterations that
+evaluated or checkpointed. Runs alternate (nanoGPT, slimtune, nanoGPT, ...) so background load hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0)
+
+
+def prepare_data(work: Path) -> Path:
+    from slimtune.data.corpus import write_python_docs
+    from slimtune.data.prepare import prepare
+
+    data = work / "pydocs"
+    meta = prepare([write_python_docs(work / "pydocs.txt")], data, progress=False)
+    chars = meta["tokenizer"]["chars"]
+    with open(data / "meta.pkl", "wb") as f:  # what nanoGPT's train.py reads for vocab_size
+        pickle.dump({"vocab_size": meta["vocab_size"], "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    return data
+
+
+def run_nanogpt(nanogpt: Path, data: Path, iters: int, threads: int) -> list[float]:
+    dataset = "slimtune_bench_pydocs"
+    target = nanogpt / "data" / dataset
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(data, target)
+    out = Path(tempfile.mkdtemp())
+    args = [f"--{k}={v}" for k, v in CONFIG.items()] + [
+        f"--dataset={dataset}", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
+        f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--out_dir={out}", "--eval_interval=250",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "train.py", "config/train_shakespeare_char.py", *args], cwd=nanogpt,
+                          capture_output=True, text=True, env=env, check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    ms = [float(m.group(2)) for m in re.finditer(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout, re.M)
+          if int(m.group(1)) % 250 != 0]  # iteration 0 (and every 250th) includes an evaluation
+    return ms[5:]  # warm-up
+
+
+def run_slimtune(data: Path, iters: int, threads: int) -> list[float]:
+    out = Path(tempfile.mkdtemp())
+    args = [f"{k}={v}" for k, v in CONFIG.items()] + [
+        f"data={data}", f"out_dir={out}", f"max_iters={iters}", "eval_iters=20", "eval_interval=250",
+        "log_interval=1", "lr=1e-3", "min_lr=1e-4", "warmup_iters=100", "beta2=0.99", "progress=false",
+        "plot=false", f"threads={threads}", "resume=never",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "slimtune", "train", *args], capture_output=True, text=True, env=env,
+                   check=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)
+    ms = [r["dt_s"] * 1000 for r in records if r["kind"] == "train" and r["step"] % 250 != 0]
+    return ms[5:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp())
+    data = prepare_data(work)
+    results: dict[str, list[float]] = {"nanoGPT train.py": [], "slimtune train": []}
+    for r in range(args.rounds):
+        results["nanoGPT train.py"].append(statistics.median(run_nanogpt(args.nanogpt, data, args.iters, args.threads)))
+        results["slimtune train"].append(statistics.median(run_slimtune(data, args.iters, args.threads)))
+        print(f"round {r + 1}: nanoGPT {results['nanoGPT train.py'][-1]:.1f} ms/iter, "
+              f"slimtune {results['slimtune train'][-1]:.1f} ms/iter", flush=True)
+    tokens = CONFIG["batch_size"] * CONFIG["block_size"]
+    print("\n| trainer | median ms/iter | tokens/s |\n|---|---|---|")
+    for name, values in results.items():
+        ms = statistics.median(values)
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} |")
+    ratio = statistics.median(results["nanoGPT train.py"]) / statistics.median(results["slimtune train"])
+    print(f"\nslimtune / nanoGPT tokens/s: {ratio:.2f}x")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
