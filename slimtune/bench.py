@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from slimtune.config import TrainConfig
+from slimtune.errors import SlimtuneError
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision, synchronize
 from slimtune.memory import format_bytes, peak_memory_bytes
-from slimtune.train.loop import build_model, build_optimizer, clip_gradients
+from slimtune.models.gpt import GPT, GPTConfig
+from slimtune.train.loop import build_optimizer, clip_gradients
 
 
 @dataclass
@@ -41,8 +43,11 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     device = pick_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocab_size).to(device)
-    optimizer = build_optimizer(model, cfg, device, n_train_tokens=10**9, verbose=False)
+    if cfg.model != "gpt":
+        raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its n_layer/n_head/n_embd keys")
+    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
+    optimizer = build_optimizer(model, cfg, device, n_train_examples=10**6, verbose=False)
     if cfg.compile:
         model = torch.compile(model)
     amp = autocast(device, dtype)

@@ -56,11 +56,37 @@ class TrainConfig:
 
     # --- what to train on -------------------------------------------------------------------------------------
     data: str = ""
-    """Folder written by `slimtune prepare` (train.bin, val.bin, meta.json)."""
+    """Training data: a folder written by `slimtune prepare` (model=gpt), or for Hugging Face models an Alpaca
+    JSON/JSONL, chat JSONL (messages), plain .txt, or classification JSONL file."""
     out_dir: str = "out"
     """Where checkpoints (step-NNNNNN/), metrics.jsonl and loss.png are written."""
     model: str = "gpt"
-    """`gpt` trains slimtune's GPT from scratch with the n_layer/n_head/n_embd settings below."""
+    """`gpt` trains slimtune's GPT from scratch (data = a `slimtune prepare` folder) with the n_layer/n_head/n_embd
+    settings below. Anything else fine-tunes a Hugging Face model (data = a JSON/JSONL/txt file): a local model
+    folder, a .gguf file, or the built-in name smollm2-135m."""
+    task: str = "lm"
+    """For Hugging Face models: lm (causal language modelling / instruction tuning) or classify (a new
+    classification head on JSONL records with text, optional text_pair, and label)."""
+
+    # --- fine-tuning data (Hugging Face models) ------------------------------------------------------------------
+    max_seq_len: int = 512
+    """Longest training sequence in tokens; longer examples are truncated (and counted in a warning)."""
+    packing: bool = False
+    """Pack several short examples into each max_seq_len sequence (positions restart per example)."""
+    chat_template: str = ""
+    """Chat template for instruction data: empty uses the tokenizer's own; chatml or alpaca name a built-in one."""
+    column_map: dict = field(default_factory=dict)
+    """Rename fields of the data file, e.g. column_map.instruction=question column_map.output=answer."""
+    val_data: str = ""
+    """A separate validation file; otherwise val_fraction of the data file is held out."""
+    val_fraction: float = 0.05
+    """Share of the data file's records held out for validation (0 = none) when val_data is empty."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward instead of storing them: less memory, about 30% more compute."""
+    weights_dtype: str = "fp32"
+    """Storage dtype of the model's weights: fp32, bf16 or fp16 (compute precision is the precision key)."""
+    trust_remote_code: bool = False
+    """Allow a model folder to run its own Python code (only for folders you trust)."""
 
     # --- GPT architecture (model=gpt) ---------------------------------------------------------------------------
     n_layer: int = 6
@@ -162,6 +188,14 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise SlimtuneError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _check_choice("method", self.method, ("full", "badam"))
+        _check_choice("task", self.task, ("lm", "classify"))
+        _check_choice("weights_dtype", self.weights_dtype, ("fp32", "bf16", "fp16"))
+        if self.max_seq_len <= 0:
+            raise SlimtuneError(f"max_seq_len must be a positive integer, got {self.max_seq_len}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise SlimtuneError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.model == "gpt" and self.task != "lm":
+            raise SlimtuneError("task=classify needs a Hugging Face model (model=PATH); model=gpt is a language model")
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check_choice("badam.switch_mode", self.badam.switch_mode, ("random", "ascending", "descending", "fixed"))
         _check_choice("badam.granularity", self.badam.granularity, ("layer", "attn_mlp", "matrix"))

@@ -6,7 +6,6 @@ data folders and checkpoints are self-describing: `load_tokenizer(meta, folder)`
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Protocol
 
@@ -90,10 +89,3 @@ def load_tokenizer(meta: dict, folder: str | Path) -> Tokenizer:
     if desc["kind"] == "hf":
         return HFTokenizer(Path(folder) / desc.get("folder", "tokenizer"))
     raise SlimtuneError(f"{Path(folder) / 'meta.json'}: unknown tokenizer kind {desc['kind']!r}")
-
-
-def copy_tokenizer_files(src_folder: Path, dst_folder: Path) -> None:
-    """Copy a tokenizer/ subfolder (if any) from a data folder into a checkpoint folder."""
-    src = Path(src_folder) / "tokenizer"
-    if src.is_dir():
-        shutil.copytree(src, Path(dst_folder) / "tokenizer", dirs_exist_ok=True)

@@ -158,22 +158,6 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def param_groups(self, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-        """AdamW groups: matrices decay; biases and LayerNorm weights (every 1-D tensor) never do."""
-        decay, no_decay = [], []
-        embeddings = {id(self.transformer.wpe.weight), id(self.transformer.wte.weight)}
-        for p in self.parameters():  # tied weights appear once
-            if not p.requires_grad:
-                continue
-            if p.dim() < 2 or (not decay_embeddings and id(p) in embeddings):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12·L·C·T for attention."""
         cfg = self.config

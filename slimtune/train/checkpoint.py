@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -55,9 +56,11 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer_state: dict, trainer_state: dict,
-                    config: dict, model_config: dict, extra_files: dict[str, Path] | None = None,
+                    config: dict, model_config: dict, write_extra: Callable[[Path], None] | None = None,
                     keep_last: int = 0) -> Path:
-    """Write `out_dir/step-NNNNNN/` atomically and prune to the newest `keep_last` (0 keeps all). Returns the path."""
+    """Write `out_dir/step-NNNNNN/` atomically and prune to the newest `keep_last` (0 keeps all). Returns the path.
+
+    `write_extra(folder)` adds the workload's own files (tokenizer, HF config) into the temporary folder."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / step_dir_name(step)
@@ -68,12 +71,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "model_config.json").write_text(json.dumps(model_config, indent=1))
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        for name, src in (extra_files or {}).items():
-            src = Path(src)
-            if src.is_dir():
-                shutil.copytree(src, tmp / name)
-            elif src.is_file():
-                shutil.copy2(src, tmp / name)
+        if write_extra is not None:
+            write_extra(tmp)
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             old = final.with_name(f".{final.name}.old")

@@ -18,16 +18,14 @@ import torch
 from tqdm import tqdm
 
 from slimtune.config import TrainConfig, to_dict
-from slimtune.data.prepare import read_meta
-from slimtune.data.windows import TokenWindows
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision
 from slimtune.memory import format_bytes, peak_memory_bytes
-from slimtune.models.gpt import GPT, GPTConfig
 from slimtune.parallel import ddp
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.logging import MetricsLog, plot_losses
 from slimtune.train.schedule import cosine_with_warmup
+from slimtune.train.workloads import Workload, build_workload, decay_groups
 
 
 @dataclass
@@ -66,21 +64,12 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> GPT:
-    if cfg.model != "gpt":
-        raise SlimtuneError(
-            f"model={cfg.model!r}: only model=gpt (train from scratch on prepared data) is available in this version"
-        )
-    return GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-
-
-def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, n_train_tokens: int,
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, n_train_examples: int,
                     verbose: bool = True) -> torch.optim.Optimizer:
     """The method's optimizer: AdamW for `full`, a BlockOptimizer around AdamW for `badam`."""
     from slimtune.methods.full import adamw
 
-    groups = model.param_groups(cfg.weight_decay, cfg.decay_embeddings)
+    groups = decay_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     base = adamw(groups, cfg.lr, (cfg.beta1, cfg.beta2), device)
     if cfg.method == "full":
         return base
@@ -92,9 +81,8 @@ def build_optimizer(model: GPT, cfg: TrainConfig, device: torch.device, n_train_
                                    include_lm_head=cfg.badam.include_lm_head)
     switch_every = cfg.badam.switch_every
     if switch_every is None:
-        # One "example" is one training window; n/(B·D) balances data across blocks within an epoch.
-        switch_every = default_switch_every(n_train_tokens // cfg.block_size, cfg.batch_size * cfg.grad_accum,
-                                            len(prefixes))
+        # The paper's rule balances the data seen by each block within an epoch.
+        switch_every = default_switch_every(n_train_examples, cfg.batch_size * cfg.grad_accum, len(prefixes))
     return BlockOptimizer(base_optimizer=base, named_parameters_list=named, block_prefix_list=prefixes,
                           switch_block_every=switch_every, switch_mode=cfg.badam.switch_mode,
                           active_modules=list(cfg.badam.active_modules), seed=cfg.seed, verbose=1 if verbose else 0)
@@ -133,22 +121,20 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def estimate_loss(model, windows: dict[str, TokenWindows], eval_iters: int, amp, env, device) -> dict[str, float]:
-    """Mean loss over `eval_iters` batches per split. The eval generators restart from the same state every time,
-    so successive evaluations score the same windows (comparable numbers) and never disturb the training stream."""
+def estimate_loss(model, workload: Workload, eval_iters: int, amp, env, device) -> dict[str, float]:
+    """Mean loss over up to `eval_iters` batches per split (the same batches at every evaluation, so successive
+    numbers are comparable; evaluation never disturbs the training data stream). Splits without data are left out."""
     was_training = model.training
     model.eval()
     out = {}
-    for split, w in windows.items():
-        start = w.state_dict()
-        total = 0.0
-        for _ in range(eval_iters):
-            x, y = w.next_batch()
+    for split in ("train", "val"):
+        total, count = 0.0, 0
+        for batch in workload.eval_batches(split, eval_iters):
             with amp:
-                _, loss = model(x, y)
-            total += loss.item()
-        w.load_state_dict(start)
-        out[split] = ddp.all_reduce_mean(total / eval_iters, env, device)
+                total += workload.loss(model, batch).item()
+            count += 1
+        if ddp.all_reduce_mean(float(count), env, device) > 0:
+            out[split] = ddp.all_reduce_mean(total / max(count, 1), env, device)
     model.train(was_training)
     return out
 
@@ -171,26 +157,13 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     out_dir = Path(cfg.out_dir)
     compute_dtype = resolve_precision(cfg.precision, device)
     amp = autocast(device, compute_dtype)
-    if not cfg.data:
-        raise SlimtuneError("no data given: set data=FOLDER (a folder written by `slimtune prepare`)")
-    data_dir = Path(cfg.data)
-    meta = read_meta(data_dir)
-    train_windows = TokenWindows(data_dir / "train.bin", meta["dtype"], cfg.block_size, cfg.batch_size, cfg.seed,
-                                 env.rank, device)
-    eval_windows = {}
-    if cfg.eval_interval > 0:
-        # Eval streams are separate generators (seed + 1), per rank, reset before every evaluation.
-        eval_windows = {
-            split: TokenWindows(data_dir / f"{split}.bin", meta["dtype"], cfg.block_size, cfg.batch_size,
-                                cfg.seed + 1, env.rank, device)
-            for split in ("train", "val")
-        }
-
+    # Measured before seeding: the measurement must not depend on, or change, the training RNG.
     peak_flops = matmul_peak_flops(device, compute_dtype) if env.is_main else float("nan")
+
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg, meta["vocab_size"]).to(device)
-    model_config = asdict(model.config)
-    optimizer = build_optimizer(model, cfg, device, meta["train_tokens"], verbose=env.is_main)
+    workload = build_workload(cfg, env.rank, env.world_size, device)
+    model = workload.model.to(device)
+    optimizer = build_optimizer(model, cfg, device, workload.n_train_examples, verbose=env.is_main)
     torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ per rank
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
 
@@ -199,7 +172,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     resume_from = ckpt_io.resolve_resume(cfg.resume, out_dir)
     metrics = MetricsLog(out_dir / "metrics.jsonl")
     if resume_from is not None:
-        _check_same_architecture(ckpt_io.read_model_config(resume_from), model_config, resume_from)
+        _check_same_architecture(ckpt_io.read_model_config(resume_from), workload.model_config, resume_from)
         ckpt_io.load_model_weights(model, resume_from)
         try:
             optimizer.load_state_dict(ckpt_io.load_state(resume_from, "optimizer.pt"))
@@ -216,21 +189,21 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                        f"data order will differ from an uninterrupted run")
         if env.rank < len(ranks):
             _set_rng_state(ranks[env.rank]["rng"], device)
-            train_windows.load_state_dict(ranks[env.rank]["data"])
+            workload.load_state_dict(ranks[env.rank]["data"])
         if env.is_main:
             metrics.truncate_after(step)
             tqdm.write(f"resumed from {resume_from} at step {step}")
-    elif cfg.resume == "auto" and env.is_main and metrics.path.exists():
+    elif env.is_main and metrics.path.exists():
         metrics.path.unlink()  # a fresh run in an old out_dir starts a fresh log
 
     raw_model = model
     if env.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
 
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * env.world_size
     trainable = [p for p in raw_model.parameters() if p.requires_grad]
 
     saved_step = -1
@@ -238,24 +211,21 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     def save(at_step: int) -> Path | None:
         nonlocal saved_step
         saved_step = at_step
-        states = ddp.gather_objects({"rng": _rng_state(device), "data": train_windows.state_dict()}, env)
+        states = ddp.gather_objects({"rng": _rng_state(device), "data": workload.state_dict()}, env)
         path = None
         if env.is_main:
             path = ckpt_io.save_checkpoint(
                 out_dir, at_step, raw_model, optimizer.state_dict(),
-                {"step": at_step, "world_size": env.world_size, "ranks": states},
-                to_dict(cfg), model_config,
-                extra_files={"meta.json": data_dir / "meta.json", "tokenizer": data_dir / "tokenizer"},
-                keep_last=cfg.keep_last,
+                {"step": at_step, "world_size": env.world_size, "ranks": states, "tokens": tokens_seen},
+                to_dict(cfg), workload.model_config, write_extra=workload.save_files, keep_last=cfg.keep_last,
             )
         ddp.barrier(env)
         return path
 
     if env.is_main:
-        n_params = raw_model.num_params()
-        tqdm.write(f"model: GPT {cfg.n_layer}x{cfg.n_embd}, {n_params / 1e6:.2f}M parameters | method {cfg.method} | "
-                   f"device {device} {str(compute_dtype).replace('torch.', '')} | {env.world_size} process(es) | "
-                   f"{tokens_per_step} tokens/step")
+        tqdm.write(f"model: {workload.describe()} | method {cfg.method} | device {device} "
+                   f"{str(compute_dtype).replace('torch.', '')} | {env.world_size} process(es) | "
+                   f"{cfg.batch_size * cfg.grad_accum * env.world_size} sequences/step")
 
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
                disable=not (cfg.progress and env.is_main))
@@ -263,7 +233,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     last_ckpt = None
     stopped = False
     active_block = getattr(optimizer, "active_block_name", None)
-    step_time_ema = None
+    tok_s_ema = None
+    tokens_seen = trainer_state["tokens"] if resume_from is not None else 0
     model.train()
     with _StopRequest() as stop:
         while step < cfg.max_iters:
@@ -273,13 +244,15 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
 
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
+            step_tokens = 0
             for micro in range(cfg.grad_accum):
-                x, y = train_windows.next_batch()
+                batch = workload.next_batch()
+                step_tokens += workload.batch_tokens(batch)
                 # Only the last micro-batch all-reduces gradients under DDP.
                 sync = model.no_sync() if env.enabled and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
                     with amp:
-                        _, loss = model(x, y)
+                        loss = workload.loss(model, batch)
                     scaled = loss / cfg.grad_accum
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 loss_sum += loss.detach()
@@ -296,15 +269,17 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
             optimizer.zero_grad(set_to_none=True)
             step += 1
             dt = time.perf_counter() - t0
-            step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
+            step_tokens *= env.world_size  # ranks draw batches of the same shape (padding aside)
+            tokens_seen += step_tokens
+            tok_s_ema = step_tokens / dt if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * step_tokens / dt
 
             log_now = cfg.log_interval and (step % cfg.log_interval == 0 or step == cfg.max_iters)
             # The same condition on every rank: the mean over ranks is a collective call.
             if log_now or cfg.progress:
                 last_loss = ddp.all_reduce_mean((loss_sum / cfg.grad_accum).item(), env, device)
             if env.is_main:
-                tok_s = tokens_per_step / step_time_ema
-                mfu = raw_model.estimate_mfu(tok_s / env.world_size, peak_flops)
+                tok_s = tok_s_ema
+                mfu = workload.flops_per_token() * tok_s / env.world_size / peak_flops
                 peak = peak_memory_bytes(device)
                 bar.update(1)
                 if not bar.disable:
@@ -313,7 +288,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                 if log_now:
                     metrics.write({"kind": "train", "step": step, "loss": last_loss, "lr": lr,
                                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                                   "tokens": step * tokens_per_step, "tok_per_s": tok_s, "mfu": mfu,
+                                   "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu,
                                    "peak_mem_bytes": peak, "dt_s": dt})
                 block = getattr(optimizer, "active_block_name", None)
                 if block is not None and block != active_block:
@@ -325,11 +300,11 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
 
             saved_now = False
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-                losses = estimate_loss(model, eval_windows, cfg.eval_iters, amp, env, device)
-                val_loss = losses["val"]
+                losses = estimate_loss(model, workload, cfg.eval_iters, amp, env, device)
+                val_loss = losses.get("val", val_loss)
                 if env.is_main:
-                    tqdm.write(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                    metrics.write({"kind": "eval", "step": step, "train_loss": losses["train"], "val_loss": val_loss})
+                    tqdm.write(f"step {step}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()))
+                    metrics.write({"kind": "eval", "step": step, **{f"{k}_loss": v for k, v in losses.items()}})
                 last_ckpt, saved_now = save(step), True
             elif cfg.save_interval and step % cfg.save_interval == 0:
                 last_ckpt, saved_now = save(step), True

@@ -48,14 +48,16 @@ def test_causal_attention_future_tokens_do_not_leak():
 
 
 def test_param_groups_never_decay_biases_or_norms():
+    from slimtune.train.workloads import decay_groups
+
     model = tiny()
-    decay, no_decay = model.param_groups(0.1)
+    decay, no_decay = decay_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() == 1 for p in no_decay["params"])
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # every parameter exactly once (tied weight once)
-    decay2, no_decay2 = model.param_groups(0.1, decay_embeddings=False)
+    decay2, no_decay2 = decay_groups(model, 0.1, decay_embeddings=False)
     ids = {id(p) for p in no_decay2["params"]}
     assert id(model.transformer.wte.weight) in ids and id(model.transformer.wpe.weight) in ids
 
