@@ -91,6 +91,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from slimtune.finetune import open_causal_lm
+    from slimtune.infer import chat_loop
+
+    model, tokenizer = open_causal_lm(args.model, args.device, args.trust_remote_code)
+    chat_loop(model, tokenizer, sys.stdin, sys.stdout, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k or None, seed=args.seed,
+              template=args.chat_template, system_prompt=args.system)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from slimtune.finetune import open_causal_lm
+    from slimtune.infer import generate, generate_jsonl
+
+    if (args.prompt is None) == (args.input is None):
+        raise SlimtuneError("give either --prompt TEXT or --input FILE.jsonl (with --output FILE.jsonl)")
+    if args.input is not None and args.output is None:
+        raise SlimtuneError("--input needs --output FILE.jsonl for the results")
+    model, tokenizer = open_causal_lm(args.model, args.device, args.trust_remote_code)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                  seed=args.seed, chat=not args.raw, template=args.chat_template, batch_size=args.batch_size)
+    if args.prompt is not None:
+        print(generate(model, tokenizer, [args.prompt], **kwargs)[0])
+    else:
+        n = generate_jsonl(args.input, args.output, model, tokenizer, **kwargs)
+        print(f"wrote {n} records to {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimtune.finetune import evaluate_file, open_causal_lm
+
+    model, tokenizer = open_causal_lm(args.model, args.device, args.trust_remote_code)
+    report = evaluate_file(model, tokenizer, args.data, max_seq_len=args.max_seq_len, batch_size=args.batch_size,
+                           accuracy=args.accuracy, max_new_tokens=args.max_new_tokens,
+                           chat_template=args.chat_template, limit=args.limit)
+    print(report.format())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slimtune.finetune import export
+
+    out = export(args.source, args.out_dir, overwrite=args.overwrite)
+    print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slimtune.demo import run_demo
 
@@ -103,8 +152,28 @@ COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
     "bench": cmd_bench,
+    "chat": cmd_chat,
+    "generate": cmd_generate,
+    "eval": cmd_eval,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint folder or out_dir from slimtune train, a Hugging Face model folder, "
+                                 "a .gguf file, or a built-in name (smollm2-135m)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template when the tokenizer has none: chatml, alpaca, or a Jinja string")
+    p.add_argument("--trust-remote-code", action="store_true", help="let the model folder run its own code")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate per reply")
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy; higher = more random")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +228,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+
+    p = sub.add_parser("chat", help="chat interactively with a fine-tuned (or any) causal LM, streaming replies",
+                       description="Chat with a model: one message per line, /reset clears history, /exit quits.")
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.7)
+    p.add_argument("--system", default=None, help="a system prompt")
+
+    p = sub.add_parser("generate", help="generate replies for a prompt or a JSONL file of prompts",
+                       description="Generate with a causal LM: --prompt TEXT, or --input in.jsonl (records with a "
+                                   "'prompt' field) --output out.jsonl (the same records with an 'output' field).")
+    _add_model_args(p)
+    _add_sampling_args(p, temperature=0.0)
+    p.add_argument("--prompt", help="one prompt")
+    p.add_argument("--input", help="JSONL file of records with a 'prompt' field")
+    p.add_argument("--output", help="JSONL file to write (records plus 'output')")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text (no chat template)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+
+    p = sub.add_parser("eval", help="validation loss / perplexity, and exact-match accuracy, on a data file",
+                       description="Evaluate a model on an instruction, chat or text file.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="Alpaca JSON/JSONL, chat JSONL or .txt file")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also greedy-decode each prompt and score exact matches against the known answer")
+    p.add_argument("--max-seq-len", type=int, default=512, help="truncate sequences to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (with --accuracy)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+
+    p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model folder (safetensors)",
+                       description="Export a checkpoint (adapters merged) to a folder that "
+                                   "transformers.AutoModelForCausalLM.from_pretrained loads without slimtune.")
+    p.add_argument("source", help="a checkpoint folder, an out_dir (newest checkpoint) or a model")
+    p.add_argument("out_dir", help="the folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
 
     p = sub.add_parser("demo", help="the built-in demo: train, evaluate and sample on a built-in task",
                        description="Run slimtune's built-in demo end to end on this machine.")
