@@ -232,7 +232,16 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     last_loss = val_loss = None
     last_ckpt = None
     stopped = False
+    def announce_block(at_step: int, block: str) -> None:
+        # The analytic Adam state of the new block (moments + fp32 grads, + masters for low-precision weights).
+        expected = optimizer.analytic_state_bytes()
+        tqdm.write(f"step {at_step}: BAdam trains block {block} ({optimizer.active_numel() / 1e6:.2f}M parameters, "
+                   f"optimizer state {format_bytes(expected)})")
+        metrics.write({"kind": "switch", "step": at_step, "block": block, "analytic_state_bytes": expected})
+
     active_block = getattr(optimizer, "active_block_name", None)
+    if active_block is not None and env.is_main:
+        announce_block(step, active_block)
     tok_s_ema = None
     tokens_seen = trainer_state["tokens"] if resume_from is not None else 0
     model.train()
@@ -286,16 +295,16 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                     bar.set_postfix_str(f"loss {last_loss:.4f} | {tok_s:,.0f} tok/s | MFU {mfu:.0%} | "
                                         f"peak {format_bytes(peak)}", refresh=False)
                 if log_now:
-                    metrics.write({"kind": "train", "step": step, "loss": last_loss, "lr": lr,
-                                   "grad_norm": None if grad_norm is None else float(grad_norm),
-                                   "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu,
-                                   "peak_mem_bytes": peak, "dt_s": dt})
+                    record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
+                              "grad_norm": None if grad_norm is None else float(grad_norm),
+                              "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu, "peak_mem_bytes": peak,
+                              "dt_s": dt}
+                    if hasattr(optimizer, "optimizer_state_bytes"):
+                        record["optimizer_state_bytes"] = optimizer.optimizer_state_bytes()
+                    metrics.write(record)
                 block = getattr(optimizer, "active_block_name", None)
                 if block is not None and block != active_block:
-                    state_bytes = optimizer.optimizer_state_bytes()
-                    tqdm.write(f"step {step}: BAdam switched to block {block} "
-                               f"(optimizer state {format_bytes(state_bytes)})")
-                    metrics.write({"kind": "switch", "step": step, "block": block, "optimizer_state_bytes": state_bytes})
+                    announce_block(step, block)
                     active_block = block
 
             saved_now = False

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +24,16 @@ def test_torchrun_two_processes(char_data, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
            "-m", "slimtune", "train", f"data={char_data}", f"out_dir={out}", *TINY, "max_iters=6",
            "eval_interval=3", "log_interval=1", "threads=1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Own process group: if the run hangs, the workers are killed with the launcher instead of outliving the test.
+    popen = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        stdout, stderr = popen.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.communicate()
+        raise
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Only rank 0 writes: one metrics file with one line per step, one set of checkpoints.
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
