@@ -81,7 +81,7 @@ def test_read_meta_errors(tmp_path):
 
 
 def test_hf_tokenizer_folder(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

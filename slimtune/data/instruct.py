@@ -1,0 +1,662 @@
+"""Instruction and classification data for fine-tuning Hugging Face models.
+
+Input files (one format per file, detected from the first record):
+
+    Alpaca   JSON list or JSONL of {"instruction", "input" (optional), "output", "system" (optional)}
+    chat     JSONL (or JSON list) of {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    text     a .txt file (one document, or several split by `text_separator`), or JSONL of {"text": "..."}
+    classes  JSONL of {"text", "text_pair" (optional), "label" (int or string)}  (`load_classification_data`)
+
+`column_map` renames fields, canonical name → name in the file: {"instruction": "question", "output": "answer"},
+{"messages": "conversations", "role": "from", "content": "value"}.
+
+Conversations are rendered with the tokenizer's chat template, or a named fallback template (`CHAT_TEMPLATES`) for
+tokenizers that have none. The loss covers only what the assistant says: every token of a system or user turn, and
+of the template's markup before an assistant reply, gets the label -100 (ignored by the cross-entropy). Plain-text
+documents are language-modelled on all their tokens.
+
+Labels are aligned with input_ids (labels[t] is the target of token t), as Hugging Face models expect: the model
+shifts them internally, predicting labels[t+1] from the tokens up to t. So labels[0] of every example is -100 by
+construction, which also keeps packed neighbours apart (see `pack_examples`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Iterator, Sequence
+
+import jinja2
+import numpy as np
+import torch
+
+from slimtune.errors import SlimtuneError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+"""Label of tokens that carry no loss (prompts, padding); PyTorch's cross-entropy default `ignore_index`."""
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat templates
+# ---------------------------------------------------------------------------------------------------------------
+
+# Fallback templates for tokenizers without one (base models, tokenizers trained from scratch). Both end every
+# assistant turn with the tokenizer's EOS token, so a model fine-tuned on them learns to stop after its reply.
+CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
+        "{%- if message['role'] == 'assistant' and eos_token and eos_token != '<|im_end|>' %}"
+        "{{- eos_token }}"
+        "{%- endif %}"
+        "{{- '\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "alpaca": (
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
+        "{%- elif message['role'] == 'assistant' %}{{- '### Response:\\n' + message['content'] }}"
+        "{%- if eos_token %}{{- eos_token }}{%- endif %}{{- '\\n\\n' }}"
+        "{%- else %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### Response:\\n' }}{%- endif %}"
+    ),
+}
+
+
+def resolve_chat_template(tokenizer, template: str | None = None) -> str:
+    """The Jinja chat template to use: a named fallback (`CHAT_TEMPLATES`), a raw Jinja string, or the tokenizer's.
+
+    `template=None` means the tokenizer's own template; a tokenizer without one is an error listing the names.
+    """
+    if template:
+        if template in CHAT_TEMPLATES:
+            return CHAT_TEMPLATES[template]
+        if "{{" in template or "{%" in template:
+            return template
+        raise SlimtuneError(f"unknown chat template {template!r}; choose one of {', '.join(CHAT_TEMPLATES)}, "
+                            "or pass a Jinja template string")
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, dict):  # some tokenizers keep several named templates; "default" is the chat one
+        own = own.get("default")
+    if not own:
+        raise SlimtuneError(
+            f"the tokenizer has no chat template, so conversations cannot be formatted; choose a fallback template "
+            f"with template=NAME, one of: {', '.join(CHAT_TEMPLATES)}"
+        )
+    return own
+
+
+def render_chat(tokenizer, messages: list[dict], template: str | None = None,
+                add_generation_prompt: bool = False) -> str:
+    """A conversation rendered to text by the chat template (see `resolve_chat_template`)."""
+    chat_template = resolve_chat_template(tokenizer, template)
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        raise SlimtuneError(f"the chat template cannot render this conversation: {exc}") from exc
+
+
+def encode_text(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`. Rendered chat text already holds its special tokens, hence no extra BOS by default."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def encode_chat(tokenizer, messages: list[dict], template: str | None = None) -> tuple[list[int], list[int], int]:
+    """Token ids and labels of a conversation, with loss only on assistant turns.
+
+    Returns `(input_ids, labels, boundary_merges)`, both lists of length T (tokens). An assistant turn spans from
+    the end of the rendered prompt before it (conversation so far + generation prompt) to the end of the rendered
+    conversation through it; both are located by tokenizing those prefixes and comparing them with the full
+    tokenization. Tokenizers usually tokenize a prefix the same way as the start of the full text; where one merges
+    characters across the boundary (e.g. a prompt ending in a space before a reply word), the span starts at the
+    first token where the two differ, so the merged token is learned as the start of the reply (it holds reply
+    text). `boundary_merges` counts those cases (0 normally).
+    """
+    chat_template = resolve_chat_template(tokenizer, template)
+    full_ids = encode_text(tokenizer, render_chat(tokenizer, messages, chat_template))
+    labels = [IGNORE_INDEX] * len(full_ids)
+    merges = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_ids = encode_text(tokenizer, render_chat(tokenizer, messages[:i], chat_template,
+                                                        add_generation_prompt=True))
+        through_ids = encode_text(tokenizer, render_chat(tokenizer, messages[: i + 1], chat_template))
+        start = _common_prefix_len(prompt_ids, full_ids)
+        end = _common_prefix_len(through_ids, full_ids)
+        merges += (start < len(prompt_ids)) + (end < len(through_ids))
+        labels[start:end] = full_ids[start:end]
+    if labels:
+        labels[0] = IGNORE_INDEX  # never a target (see module docstring); keeps packed neighbours apart
+    return full_ids, labels, merges
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------------
+
+CANONICAL_FIELDS = ("instruction", "input", "output", "system", "messages", "role", "content", "text", "text_pair",
+                    "label")
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Sample:
+    """One record read from a file, before tokenization. Exactly one of `messages`, `text` is set."""
+
+    where: str
+    """Location for error messages, e.g. `train.jsonl:12` (line 12) or `train.json record 3`."""
+    messages: list[dict] | None = None
+    text: str | None = None
+    text_pair: str | None = None
+    label: int | str | None = None
+
+
+def _check_column_map(column_map: dict | None) -> dict:
+    column_map = dict(column_map or {})
+    for key in column_map:
+        if key not in CANONICAL_FIELDS:
+            close = difflib.get_close_matches(key, CANONICAL_FIELDS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SlimtuneError(f"column_map key {key!r} is not a field slimtune reads{hint}; keys are canonical "
+                                f"field names ({', '.join(CANONICAL_FIELDS)}) and values the names in your file")
+    return column_map
+
+
+def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(location, record) for each object in a JSONL file (one per non-blank line) or a JSON list file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlimtuneError(f"data file {path} does not exist")
+    if path.suffix.lower() == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: tolerate a BOM
+        except json.JSONDecodeError as exc:
+            raise SlimtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+        if not isinstance(records, list):
+            raise SlimtuneError(f"{path}: a .json data file must hold a list of records, found a "
+                                f"{type(records).__name__}; use JSONL for one record per line")
+        for i, record in enumerate(records, start=1):
+            where = f"{path} record {i}"
+            if not isinstance(record, dict):
+                raise SlimtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            yield where, record
+        return
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SlimtuneError(
+                    f"{where}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise SlimtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
+            yield where, record
+
+
+def _field(record: dict, name: str, column_map: dict, where: str, required: bool = True, kind=str):
+    key = column_map.get(name, name)
+    if key not in record or record[key] is None:
+        if not required:
+            return None
+        renamed = f" (mapped from {name!r} by column_map)" if key != name else ""
+        raise SlimtuneError(f"{where}: record has no {key!r} field{renamed}; fields present: "
+                            f"{', '.join(map(repr, record)) or 'none'}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise SlimtuneError(f"{where}: field {key!r} must be {expected}, found {type(value).__name__}")
+    return value
+
+
+def _detect_format(record: dict, column_map: dict, where: str) -> str:
+    for fmt, key in (("chat", "messages"), ("alpaca", "instruction"), ("text", "text")):
+        if column_map.get(key, key) in record:
+            return fmt
+    raise SlimtuneError(
+        f"{where}: cannot tell the data format: the record has fields {', '.join(map(repr, record))}; expected "
+        "'messages' (chat), 'instruction' + 'output' (Alpaca) or 'text' (plain text). "
+        "Map other names with column_map, e.g. {\"instruction\": \"question\", \"output\": \"answer\"}"
+    )
+
+
+def _chat_sample(record: dict, column_map: dict, where: str) -> Sample:
+    messages = _field(record, "messages", column_map, where, kind=list)
+    role_key, content_key = column_map.get("role", "role"), column_map.get("content", "content")
+    out = []
+    for j, message in enumerate(messages, start=1):
+        at = f"{where} message {j}"
+        if not isinstance(message, dict):
+            raise SlimtuneError(f"{at}: expected an object with {role_key!r} and {content_key!r}")
+        role = _field(message, "role", column_map, at)
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLES:
+            raise SlimtuneError(f"{at}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _field(message, "content", column_map, at)})
+    if not any(m["role"] == "assistant" for m in out):
+        raise SlimtuneError(f"{where}: the conversation has no assistant message, so nothing to learn from")
+    return Sample(where, messages=out)
+
+
+def _alpaca_sample(record: dict, column_map: dict, where: str) -> Sample:
+    instruction = _field(record, "instruction", column_map, where)
+    extra = _field(record, "input", column_map, where, required=False)
+    output = _field(record, "output", column_map, where)
+    system = _field(record, "system", column_map, where, required=False)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}, {"role": "assistant", "content": output}]
+    return Sample(where, messages=messages)
+
+
+def read_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None) -> list[Sample]:
+    """Read an instruction/chat/text file into Samples (format detected from the first record; see module doc).
+
+    A `.txt` file is one document, or several split on `text_separator` (e.g. "\\n\\n\\n"); empty ones are skipped.
+    """
+    path = Path(path)
+    column_map = _check_column_map(column_map)
+    if path.suffix.lower() in (".txt", ".md"):
+        if not path.is_file():
+            raise SlimtuneError(f"data file {path} does not exist")
+        text = path.read_text(encoding="utf-8-sig")
+        docs = text.split(text_separator) if text_separator else [text]
+        return [Sample(f"{path} document {i}", text=d) for i, d in enumerate(docs, start=1) if d.strip()]
+    samples, fmt = [], None
+    for where, record in iter_json_records(path):
+        fmt = fmt or _detect_format(record, column_map, where)
+        if fmt == "chat":
+            samples.append(_chat_sample(record, column_map, where))
+        elif fmt == "alpaca":
+            samples.append(_alpaca_sample(record, column_map, where))
+        else:
+            samples.append(Sample(where, text=_field(record, "text", column_map, where)))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenized datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One training sequence. `labels` is a list aligned with input_ids (LM) or one class id (classification)."""
+
+    input_ids: list[int]
+    labels: list[int] | int
+    position_ids: list[int] | None = None
+    """Set on packed sequences only: positions restart at 0 at every packed example."""
+
+
+@dataclass
+class DataStats:
+    """What happened to the records of a file on the way to training sequences (counts of records/sequences)."""
+
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    """Examples cut to max_seq_len (their reply, or part of it, is lost)."""
+    dropped: int = 0
+    """Examples dropped because truncation left no response token to learn from."""
+    chunked_documents: int = 0
+    """Plain-text documents longer than max_seq_len, split into several sequences (nothing lost)."""
+    boundary_merges: int = 0
+    """Prompt/response boundaries where the tokenizer merged characters across (see `encode_chat`)."""
+    packed_sequences: int = 0
+
+
+@dataclass
+class TokenizedDataset(Sequence):
+    """A list of `Example`s plus the `DataStats` of how they were made; indexable, sized."""
+
+    examples: list[Example]
+    stats: DataStats = field(default_factory=DataStats)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        return self.examples[i]
+
+    def num_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+
+def _text_examples(tokenizer, text: str, max_seq_len: int, stats: DataStats) -> list[Example]:
+    ids = encode_text(tokenizer, text, add_special_tokens=True)  # BOS if the tokenizer adds one
+    if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)  # mark the document end, so the model learns where text stops
+    if len(ids) > max_seq_len:
+        stats.chunked_documents += 1
+    out = []
+    for start in range(0, len(ids), max_seq_len):
+        chunk = ids[start:start + max_seq_len]
+        if len(chunk) < 2:  # a lone token has nothing to predict
+            continue
+        out.append(Example(chunk, [IGNORE_INDEX] + chunk[1:]))
+    return out
+
+
+def tokenize_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, template: str | None = None,
+                     source: str = "data") -> TokenizedDataset:
+    """Tokenize Samples into Examples of at most `max_seq_len` tokens, truncating/dropping with counts and warnings.
+
+    Raises SlimtuneError when no example is left, saying why (so a bad max_seq_len never trains on nothing).
+    """
+    if max_seq_len < 2:
+        raise SlimtuneError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
+    stats = DataStats(records=len(samples))
+    examples: list[Example] = []
+    if any(s.messages is not None for s in samples):
+        resolve_chat_template(tokenizer, template)  # fail once, up front, rather than per record
+    for sample in samples:
+        if sample.text is not None:
+            examples.extend(_text_examples(tokenizer, sample.text, max_seq_len, stats))
+            continue
+        try:
+            ids, labels, merges = encode_chat(tokenizer, sample.messages, template)
+        except SlimtuneError as exc:
+            raise SlimtuneError(f"{sample.where}: {exc}") from exc
+        stats.boundary_merges += merges
+        if len(ids) > max_seq_len:
+            stats.truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(label == IGNORE_INDEX for label in labels):
+                stats.dropped += 1
+                continue
+        examples.append(Example(ids, labels))
+    stats.examples = len(examples)
+    if stats.truncated:
+        log.warning("%s: %d of %d examples were longer than max_seq_len=%d tokens and were truncated; %d of them "
+                    "lost their whole response and were dropped", source, stats.truncated, len(samples), max_seq_len,
+                    stats.dropped)
+    if stats.boundary_merges:
+        log.warning("%s: at %d prompt/response boundaries the tokenizer merged text across the boundary; the merged "
+                    "token was learned as part of the reply", source, stats.boundary_merges)
+    if not examples:
+        why = (f"all {stats.dropped} were dropped because their response starts after max_seq_len={max_seq_len} "
+               "tokens; raise max_seq_len or shorten the prompts") if stats.dropped else "the file holds no records"
+        raise SlimtuneError(f"{source}: no training examples left after filtering {len(samples)} records: {why}")
+    return TokenizedDataset(examples, stats)
+
+
+def pack_examples(dataset: TokenizedDataset, max_seq_len: int) -> TokenizedDataset:
+    """Concatenate consecutive examples into sequences of at most `max_seq_len` tokens (no example is split).
+
+    Labels stay separate: each example's first label is -100, so no loss term predicts one example's first token
+    from its neighbour. `position_ids` restart at 0 for every example, so each sees the positions it would alone.
+    Attention is NOT blocked between neighbours (the batch keeps a plain causal mask): a token can attend to the
+    examples packed before it. That is the usual trade-off of packing (far fewer pad tokens) and is harmless for
+    short independent examples; leave packing off when examples must not see each other.
+    """
+    packs: list[Example] = []
+    cur_ids: list[int] = []
+    cur_labels: list[int] = []
+    cur_pos: list[int] = []
+    for ex in dataset.examples:
+        if cur_ids and len(cur_ids) + len(ex.input_ids) > max_seq_len:
+            packs.append(Example(cur_ids, cur_labels, cur_pos))
+            cur_ids, cur_labels, cur_pos = [], [], []
+        cur_ids.extend(ex.input_ids)
+        cur_labels.extend([IGNORE_INDEX, *ex.labels[1:]])
+        cur_pos.extend(range(len(ex.input_ids)))
+    if cur_ids:
+        packs.append(Example(cur_ids, cur_labels, cur_pos))
+    stats = DataStats(**{**dataset.stats.__dict__, "packed_sequences": len(packs)})
+    return TokenizedDataset(packs, stats)
+
+
+def split_samples(samples: list, val_fraction: float, seed: int, source: str = "data") -> tuple[list, list]:
+    """Split records into (train, val), deterministic given `seed`; both keep file order.
+
+    The validation set has round(n * val_fraction) records (at least 1 when val_fraction > 0).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise SlimtuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_fraction == 0.0:
+        return list(samples), []
+    n = len(samples)
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise SlimtuneError(f"{source}: val_fraction={val_fraction} of {n} records leaves nothing to train on; "
+                            "add records, lower val_fraction or give a separate validation file")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    return [s for i, s in enumerate(samples) if i not in val_idx], [s for i, s in enumerate(samples) if i in val_idx]
+
+
+def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, template: str | None = None,
+                          column_map: dict | None = None, pack: bool = False, val_fraction: float = 0.0,
+                          val_path: str | Path | None = None, seed: int = 0,
+                          text_separator: str | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+    """Read, format, tokenize, mask, truncate, split and (optionally) pack SFT data. Returns (train, val or None).
+
+    Validation data comes from `val_path` or from a `val_fraction` of the records of `path` (chosen by `seed`),
+    not both. `template` names a fallback chat template (or is a Jinja string); None uses the tokenizer's own.
+    """
+    if val_path is not None and val_fraction > 0:
+        raise SlimtuneError("give either val_fraction or a separate validation file (val_path), not both")
+    samples = read_samples(path, column_map, text_separator)
+    train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
+    if val_path is not None:
+        val_samples = read_samples(val_path, column_map, text_separator)
+    train = tokenize_samples(train_samples, tokenizer, max_seq_len, template, source=str(path))
+    val = None
+    if val_samples:
+        val = tokenize_samples(val_samples, tokenizer, max_seq_len, template,
+                               source=str(val_path) if val_path else f"{path} (validation split)")
+    if pack:
+        train = pack_examples(train, max_seq_len)
+        val = pack_examples(val, max_seq_len) if val is not None else None
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def read_classification_samples(path: str | Path, column_map: dict | None = None) -> list[Sample]:
+    """Read JSONL/JSON records with `text`, optional `text_pair` and `label` (int >= 0 or string)."""
+    column_map = _check_column_map(column_map)
+    samples = []
+    for where, record in iter_json_records(path):
+        text = _field(record, "text", column_map, where)
+        pair = _field(record, "text_pair", column_map, where, required=False)
+        label = _field(record, "label", column_map, where, kind=(int, str))
+        if isinstance(label, int) and label < 0:
+            raise SlimtuneError(f"{where}: label {label} is negative; integer labels are class ids 0, 1, 2, ...")
+        samples.append(Sample(where, text=text, text_pair=pair, label=label))
+    return samples
+
+
+def label_mapping(samples: Sequence[Sample], source: str = "data") -> dict[str, int]:
+    """Label name → id. String labels are numbered in sorted order (deterministic); int labels map str(i) → i."""
+    kinds = {type(s.label) for s in samples}
+    if len(kinds) > 1:
+        first_int = next(s for s in samples if isinstance(s.label, int))
+        first_str = next(s for s in samples if isinstance(s.label, str))
+        raise SlimtuneError(f"{source}: labels mix integers ({first_int.where}) and strings ({first_str.where}); "
+                            "use one kind")
+    if kinds == {int}:
+        return {str(i): i for i in range(max(s.label for s in samples) + 1)}
+    return {name: i for i, name in enumerate(sorted({s.label for s in samples}))}
+
+
+def tokenize_classification(samples: Sequence[Sample], tokenizer, max_seq_len: int, label2id: dict[str, int],
+                            source: str = "data") -> TokenizedDataset:
+    """Tokenize (text, text_pair) with the tokenizer's special tokens; truncate to max_seq_len with a warning count."""
+    stats = DataStats(records=len(samples))
+    examples = []
+    for s in samples:
+        key = str(s.label)
+        if key not in label2id:
+            raise SlimtuneError(f"{s.where}: label {s.label!r} does not occur in the training data "
+                                f"(known labels: {', '.join(label2id)})")
+        ids = tokenizer(s.text, s.text_pair)["input_ids"]
+        if len(ids) > max_seq_len:
+            stats.truncated += 1
+            ids = tokenizer(s.text, s.text_pair, truncation=True, max_length=max_seq_len)["input_ids"]
+        examples.append(Example(list(ids), label2id[key]))
+    stats.examples = len(examples)
+    if stats.truncated:
+        log.warning("%s: %d of %d texts were longer than max_seq_len=%d tokens and were truncated", source,
+                    stats.truncated, len(samples), max_seq_len)
+    if not examples:
+        raise SlimtuneError(f"{source}: the file holds no records")
+    return TokenizedDataset(examples, stats)
+
+
+def load_classification_data(path: str | Path, tokenizer, max_seq_len: int, column_map: dict | None = None,
+                             val_fraction: float = 0.0, val_path: str | Path | None = None, seed: int = 0
+                             ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[str, int]]:
+    """Read and tokenize classification data. Returns (train, val or None, label2id); num_labels = len(label2id)."""
+    if val_path is not None and val_fraction > 0:
+        raise SlimtuneError("give either val_fraction or a separate validation file (val_path), not both")
+    samples = read_classification_samples(path, column_map)
+    if not samples:
+        raise SlimtuneError(f"{path}: the file holds no records")
+    train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
+    if val_path is not None:
+        val_samples = read_classification_samples(val_path, column_map)
+    # The mapping comes from the whole training file, so a label seen only in the split-off records still has an id.
+    label2id = label_mapping(samples, str(path))
+    train = tokenize_classification(train_samples, tokenizer, max_seq_len, label2id, str(path))
+    val = tokenize_classification(val_samples, tokenizer, max_seq_len, label2id,
+                                  str(val_path or path)) if val_samples else None
+    return train, val, label2id
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad examples to the longest one. Returns int64 tensors:
+
+    input_ids (B, T) padded with pad_id; attention_mask (B, T) 1 on tokens, 0 on padding; labels (B, T) padded with
+    -100, or (B,) class ids for classification; position_ids (B, T) only when the examples are packed.
+    """
+    longest = max(len(e.input_ids) for e in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    token_labels = not isinstance(examples[0].labels, int)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.tensor(
+        [e.labels for e in examples], dtype=torch.long)
+    packed = examples[0].position_ids is not None
+    position_ids = torch.zeros((batch, longest), dtype=torch.long) if packed else None
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        if token_labels:
+            labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        if packed:
+            position_ids[row, :n] = torch.tensor(e.position_ids, dtype=torch.long)
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if packed:
+        out["position_ids"] = position_ids
+    return out
+
+
+class InstructionBatches:
+    """Shuffled batches over a TokenizedDataset, endlessly, epoch after epoch; deterministic and exactly resumable.
+
+    Epoch e visits the examples in the order of a permutation drawn from numpy's PCG64 seeded with (seed, e), so
+    the order depends only on (seed, epoch), never on how many batches were drawn before. The state is therefore
+    three numbers: the epoch, the position (examples of this epoch already handed out) and the seed.
+
+    With `world_size > 1` every rank builds the same permutation and takes its own contiguous `batch_size` slice of
+    each global batch of `batch_size * world_size` examples; the last incomplete global batch of an epoch is then
+    skipped (as with `drop_last=True`), so all ranks always step together.
+    """
+
+    def __init__(self, dataset: Sequence[Example], batch_size: int, seed: int, pad_id: int, shuffle: bool = True,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise SlimtuneError(f"batch_size must be at least 1, got {batch_size}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_id = pad_id
+        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = drop_last or world_size > 1
+        self.global_batch = batch_size * world_size
+        if len(dataset) == 0 or (self.drop_last and len(dataset) < self.global_batch):
+            raise SlimtuneError(f"{len(dataset)} examples cannot fill one batch of {self.global_batch}; "
+                                "lower batch_size or add data")
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.dataset))
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.dataset))
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n = len(self.dataset)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch (see `collate` for the keys and shapes), moving on to the next epoch when one ends."""
+        remaining = len(self.dataset) - self.position
+        if remaining == 0 or (self.drop_last and remaining < self.global_batch):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        chunk = self._order[self.position:self.position + self.global_batch]
+        self.position += len(chunk)
+        mine = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate([self.dataset[int(i)] for i in mine], self.pad_id)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return self.next_batch()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_examples": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_examples"] != len(self.dataset):
+            raise SlimtuneError(f"cannot resume the data order: the checkpoint was taken on {state['num_examples']} "
+                                f"examples, the data now has {len(self.dataset)}; use the same data and settings")
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+def eval_batches(dataset: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over `dataset` in order, in batches of `batch_size` (the last may be smaller)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], pad_id)
