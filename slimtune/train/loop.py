@@ -11,7 +11,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -197,6 +197,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
         metrics.path.unlink()  # a fresh run in an old out_dir starts a fresh log
 
     raw_model = model
+    if env.enabled and cfg.method == "badam":
+        raise SlimtuneError("method=badam under torchrun/DDP is not supported yet (DDP fixes the trainable set at "
+                            "wrap time, BAdam changes it every switch); train BAdam in one process")
     if env.enabled:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.local_rank] if device.type == "cuda" else None)
@@ -204,7 +207,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
         model = torch.compile(model)
 
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    trainable = [p for p in raw_model.parameters() if p.requires_grad]
+    # All parameters: which ones train may change during the run (BAdam); clipping skips those without gradients.
+    params = list(raw_model.parameters())
 
     saved_step = -1
 
@@ -232,6 +236,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     last_loss = val_loss = None
     last_ckpt = None
     stopped = False
+
     def announce_block(at_step: int, block: str) -> None:
         # The analytic Adam state of the new block (moments + fp32 grads, + masters for low-precision weights).
         expected = optimizer.analytic_state_bytes()
@@ -269,7 +274,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                 scaler.unscale_(optimizer)
             grad_norm = None
             if cfg.grad_clip > 0:
-                grad_norm = clip_gradients(optimizer, trainable, cfg.grad_clip)
+                grad_norm = clip_gradients(optimizer, params, cfg.grad_clip)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from slimtune import cli
 from slimtune.train.checkpoint import list_checkpoints
 from tests.conftest import TINY
