@@ -39,14 +39,14 @@ def prepare_data(work: Path) -> Path:
     return data
 
 
-def run_nanogpt(nanogpt: Path, data: Path, iters: int, threads: int) -> list[float]:
+def run_nanogpt(nanogpt: Path, data: Path, iters: int, threads: int, compile: bool = False) -> list[float]:
     dataset = "slimtune_bench_pydocs"
     target = nanogpt / "data" / dataset
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(data, target)
     out = Path(tempfile.mkdtemp())
     args = [f"--{k}={v}" for k, v in CONFIG.items()] + [
-        f"--dataset={dataset}", "--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1",
+        f"--dataset={dataset}", "--device=cpu", f"--compile={compile}", "--eval_iters=20", "--log_interval=1",
         f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--out_dir={out}", "--eval_interval=250",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -59,12 +59,12 @@ def run_nanogpt(nanogpt: Path, data: Path, iters: int, threads: int) -> list[flo
     return ms[5:]  # warm-up
 
 
-def run_slimtune(data: Path, iters: int, threads: int) -> list[float]:
+def run_slimtune(data: Path, iters: int, threads: int, compile: bool = False) -> list[float]:
     out = Path(tempfile.mkdtemp())
     args = [f"{k}={v}" for k, v in CONFIG.items()] + [
         f"data={data}", f"out_dir={out}", f"max_iters={iters}", "eval_iters=20", "eval_interval=250",
         "log_interval=1", "lr=1e-3", "min_lr=1e-4", "warmup_iters=100", "beta2=0.99", "progress=false",
-        "plot=false", f"threads={threads}", "resume=never",
+        "plot=false", f"threads={threads}", "resume=never", f"compile={str(compile).lower()}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-m", "slimtune", "train", *args], capture_output=True, text=True, env=env,
@@ -81,22 +81,29 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="also compare both with torch.compile")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp())
     data = prepare_data(work)
-    results: dict[str, list[float]] = {"nanoGPT train.py": [], "slimtune train": []}
+    runs = {"nanoGPT train.py": lambda: run_nanogpt(args.nanogpt, data, args.iters, args.threads),
+            "slimtune train": lambda: run_slimtune(data, args.iters, args.threads)}
+    if args.compile:
+        runs["nanoGPT train.py --compile=True"] = lambda: run_nanogpt(args.nanogpt, data, args.iters, args.threads, True)
+        runs["slimtune train compile=true"] = lambda: run_slimtune(data, args.iters, args.threads, True)
+    results: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(args.rounds):
-        results["nanoGPT train.py"].append(statistics.median(run_nanogpt(args.nanogpt, data, args.iters, args.threads)))
-        results["slimtune train"].append(statistics.median(run_slimtune(data, args.iters, args.threads)))
-        print(f"round {r + 1}: nanoGPT {results['nanoGPT train.py'][-1]:.1f} ms/iter, "
-              f"slimtune {results['slimtune train'][-1]:.1f} ms/iter", flush=True)
+        for name, run in runs.items():
+            results[name].append(statistics.median(run()))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} ms/iter" for k, v in results.items()), flush=True)
     tokens = CONFIG["batch_size"] * CONFIG["block_size"]
-    print("\n| trainer | median ms/iter | tokens/s |\n|---|---|---|")
+    print("\n| trainer | median ms/iter | tokens/s | per-round medians (ms) |\n|---|---|---|---|")
     for name, values in results.items():
         ms = statistics.median(values)
-        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} |")
-    ratio = statistics.median(results["nanoGPT train.py"]) / statistics.median(results["slimtune train"])
-    print(f"\nslimtune / nanoGPT tokens/s: {ratio:.2f}x")
+        print(f"| {name} | {ms:.1f} | {tokens / ms * 1000:,.0f} | {', '.join(f'{v:.1f}' for v in values)} |")
+    base = statistics.median(results["nanoGPT train.py"])
+    for name, values in results.items():
+        if name.startswith("slimtune"):
+            print(f"{name} / nanoGPT train.py tokens/s: {base / statistics.median(values):.2f}x")
     shutil.rmtree(work, ignore_errors=True)
 
 

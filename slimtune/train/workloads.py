@@ -226,6 +226,12 @@ class _HFWorkload(Workload):
 
 
 class HFCausalLMWorkload(_HFWorkload):
+    def loss(self, model, batch):
+        from slimtune.train.loss import causal_lm_loss
+
+        return causal_lm_loss(model, batch)
+
+
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
         from slimtune.data.instruct import load_instruction_data
         from slimtune.models.hf import load_causal_lm
