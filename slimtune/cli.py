@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on a 2-core CPU). --scratch trains a small GPT from scratch instead.")
     p.add_argument("--out", default=None, help="output folder (default out/demo or out/demo-scratch)")
     p.add_argument("--model", default="smollm2-135m", help="the causal LM to fine-tune")
-    p.add_argument("--steps", type=int, default=60, help="fine-tuning steps")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     p.add_argument("--method", choices=["full", "badam"], default=None, help="default: badam")
     p.add_argument("--test-prompts", type=int, default=30, help="held-out prompts scored before and after")
     p.add_argument("--scratch", action="store_true", help="train a small GPT from scratch on Python's docstrings")

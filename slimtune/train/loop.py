@@ -209,6 +209,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     # All parameters: which ones train may change during the run (BAdam); clipping skips those without gradients.
     params = list(raw_model.parameters())
+    n_params = sum(p.numel() for p in params)
 
     saved_step = -1
 
@@ -293,7 +294,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                 last_loss = ddp.all_reduce_mean((loss_sum / cfg.grad_accum).item(), env, device)
             if env.is_main:
                 tok_s = tok_s_ema
-                mfu = workload.flops_per_token() * tok_s / env.world_size / peak_flops
+                # 6N per token assumes every weight gets a gradient; with a frozen part (BAdam) the weight-gradient
+                # third shrinks to the trainable share: 2N forward + 2N input-gradients + 2N_trainable.
+                share = sum(p.numel() for p in params if p.requires_grad) / n_params
+                mfu = workload.flops_per_token() * (4 + 2 * share) / 6 * tok_s / env.world_size / peak_flops
                 peak = peak_memory_bytes(device)
                 bar.update(1)
                 if not bar.disable:
