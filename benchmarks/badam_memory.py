@@ -103,50 +103,9 @@ def fused_lm_loss(model, input_ids, chunk: int = 256):
     """
     hidden = model.model(input_ids=input_ids).last_hidden_state  # (B, T, C)
     targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)  # next token; last position ignored
-    return _FusedLinearCrossEntropy.apply(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), chunk)
+    from slimtune.train.loss import linear_cross_entropy  # the same chunked loss the training loop uses
 
-
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """mean over valid targets of cross_entropy(hidden @ weight.T, targets); targets == -100 are ignored."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):  # hidden (N, C), weight (V, C), targets (N,)
-        valid = targets != -100
-        scale = valid / valid.sum().clamp(min=1)  # (N,) weight of each position in the mean
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # One logits buffer for all chunks: fresh 50 MB allocations per chunk cost more in page faults than the
-        # softmax itself on CPU.
-        buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        for i in range(0, hidden.shape[0], chunk):
-            h, t, w = hidden[i : i + chunk], targets[i : i + chunk].clamp(min=0), scale[i : i + chunk]
-            logits = torch.mm(h, weight.t(), out=buf[: len(t)])  # (n, V)
-            target_logit = logits.gather(1, t[:, None])
-            top = logits.amax(dim=1, keepdim=True)
-            probs = logits.sub_(top).exp_()  # in place: the buffer now holds exp(logit - max)
-            norm = probs.sum(dim=1, keepdim=True)
-            total += ((top + norm.log() - target_logit).squeeze(1) * w).sum()  # log-sum-exp minus target logit
-            # d loss / d logits = (softmax - one_hot) * weight of the position
-            probs.div_(norm)
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            probs.mul_(w[:, None])
-            if grad_h is not None:
-                torch.mm(probs, weight, out=grad_h[i : i + chunk])
-            if grad_w is not None:
-                grad_w.addmm_(probs.t(), h)
-        ctx.save_for_backward(grad_h, grad_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            None if grad_h is None else grad_h * grad_out,
-            None if grad_w is None else grad_w * grad_out,
-            None,
-            None,
-        )
+    return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), chunk)
 
 
 def limit_heap_retention(threshold: int = 128 * 1024) -> None:

@@ -1,7 +1,5 @@
 """The demo's code path on a tiny model (fast), and the GPT-from-scratch demo."""
 
-import pytest
-
 from slimtune import cli
 from tests.tiny_hf import save_tiny_llama
 

@@ -349,7 +349,7 @@ def test_memory_helpers_and_names():
 
 def test_update_in_backward_rejects_gradient_accumulation():
     model = tiny_llama()
-    opt = make(model, update_in_backward=True, switch_mode="ascending")
+    _opt = make(model, update_in_backward=True, switch_mode="ascending")
     tokens = batches(1)[0]
     model(input_ids=tokens, labels=tokens).loss.backward()
     with pytest.raises(SlimtuneError, match="one backward per step"):
