@@ -5,9 +5,13 @@
 
 Methods: ``adamw`` (full AdamW), ``badam14`` (the badam 1.4 package), ``lora`` (peft, r=8 on all projections),
 ``slimtune`` (slimtune.BlockOptimizer), each with options that change the training set-up, not the method:
-``+fused`` computes the loss chunk by chunk without full logits (`fused_lm_loss`), ``+malloc`` stops glibc from
-keeping freed activations resident (`limit_heap_retention`), ``+hooks`` steps BAdam parameters inside backward
-(``update_in_backward=True``). Without options every method uses the model's own loss, as its users would.
+``+fused`` computes the loss chunk by chunk without full logits (`fused_lm_loss`), ``+onednn`` runs every
+nn.Linear on oneDNN (`slimtune.kernels`), ``+ckpt`` recomputes decoder-layer activations in backward (transformers'
+activation checkpointing), ``+malloc`` stops glibc from keeping freed activations resident
+(`limit_heap_retention`), ``+hooks`` steps BAdam parameters inside backward (``update_in_backward=True``). Without
+options every method uses the model's own loss and torch's default kernels, as its users would.
+``slimtune+fused+onednn`` is what ``slimtune train method=badam`` runs on this machine (the loop always uses the
+chunked loss, and ``matmul=auto`` picks oneDNN here); ``+ckpt`` adds ``gradient_checkpointing=true``.
 
 Each method runs in its own process (so peaks do not mix): fp32 weights, batch 4 x 128 tokens, 2 threads, one
 warm-up step then ``--steps`` timed steps on a fixed random batch. Reported: peak resident memory of the training
@@ -44,7 +48,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 BADAM_TARGET = Path("/tmp/badam_pkg")
 METHODS = ("adamw", "badam14", "lora", "slimtune")
-DEFAULT_RUNS = "adamw,badam14,lora,slimtune,slimtune+hooks,slimtune+fused,slimtune+fused+malloc,badam14+fused+malloc"
+DEFAULT_RUNS = ("adamw,badam14,lora,slimtune,slimtune+fused+onednn,badam14+ckpt,slimtune+fused+onednn+ckpt,"
+                "slimtune+fused+onednn+ckpt+hooks")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -122,15 +127,25 @@ def limit_heap_retention(threshold: int = 128 * 1024) -> None:
 
 
 def worker(spec: str, folder: Path, steps: int, batch: int, seq: int, first_block: str = "bottom") -> dict:
-    """Run one method (``name[+option...]``, options: fused, malloc, hooks) and return its measurements."""
+    """Run one method (``name[+option...]``, options: fused, onednn, ckpt, malloc, hooks); return its measurements."""
     method, *options = spec.split("+")
-    unknown = set(options) - {"fused", "malloc", "hooks"}
+    unknown = set(options) - {"fused", "malloc", "hooks", "onednn", "ckpt"}
     if method not in METHODS or unknown:
-        raise SystemExit(f"unknown method {spec!r}: use one of {METHODS} with options +fused, +malloc, +hooks")
+        raise SystemExit(f"unknown method {spec!r}: use one of {METHODS} with options +fused, +onednn, +ckpt, "
+                         f"+malloc, +hooks")
     if "malloc" in options:
         limit_heap_retention()
     torch.set_num_threads(2)
     model = load_model(folder)
+    sys.path.insert(0, str(ROOT))
+    if "onednn" in options:
+        from slimtune.kernels import use_onednn_linear
+
+        use_onednn_linear(model)
+    if "ckpt" in options:
+        from slimtune.models.hf import enable_checkpointing
+
+        enable_checkpointing(model)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
     named = list(model.named_parameters())
@@ -205,7 +220,7 @@ def ensure_badam14() -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=DEFAULT_RUNS, help="comma-separated name[+fused][+malloc][+hooks]")
+    ap.add_argument("--methods", default=DEFAULT_RUNS, help="comma-separated name[+option...], see above")
     ap.add_argument("--steps", type=int, default=4, help="timed steps after one warm-up step")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)

@@ -14,6 +14,7 @@ import torch
 
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
+from slimtune.kernels import choose_matmul, use_onednn_linear
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision, synchronize
 from slimtune.memory import format_bytes, peak_memory_bytes
 from slimtune.models.gpt import GPT, GPTConfig
@@ -47,6 +48,9 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
         raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its n_layer/n_head/n_embd keys")
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
+    matmul = choose_matmul(cfg.matmul, device)
+    if matmul == "onednn":
+        use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, n_train_examples=10**6, verbose=False)
     if cfg.compile:
         model = torch.compile(model)
@@ -78,7 +82,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     flops = raw.flops_per_token() * tok_s
     return BenchResult(
         config=f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} block_size={cfg.block_size} "
-               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method}",
+               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul}",
         device=str(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
         params=raw.num_params(), tokens_per_step=tokens, step_seconds=dt, tokens_per_second=tok_s,
         flops_per_second=flops, peak_flops=peak, mfu=flops / peak, peak_memory_bytes=peak_memory_bytes(device),

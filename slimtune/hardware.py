@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.kernels import onednn_available, onednn_nt
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -76,7 +77,8 @@ def _cache_file() -> Path:
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
                       sizes: tuple[int, ...] = (256, 512, 1024, 2048), seconds: float = 0.3,
                       use_cache: bool = True) -> float:
-    """Measured peak FLOP/s of square matmuls on `device` in `dtype`: the best of several sizes.
+    """Measured peak FLOP/s of square matmuls on `device` in `dtype`: the best of several sizes and, on CPUs, of
+    both kernels slimtune can use (torch's BLAS and oneDNN).
 
     MFU is only meaningful against what this machine can really do, so we measure instead of quoting a datasheet.
     Several sizes are tried because the fastest one depends on the cache sizes (on a 2-core AVX-512 CPU it is
@@ -84,7 +86,7 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     about `seconds` per size.
     """
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    key = f"{name}|{dtype}|threads={torch.get_num_threads()}|sizes={','.join(map(str, sizes))}"
+    key = f"{name}|{dtype}|threads={torch.get_num_threads()}|sizes={','.join(map(str, sizes))}|kernels=aten,onednn"
     cache = _cache_file()
     if use_cache and cache.is_file():
         try:
@@ -99,17 +101,21 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
         a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
         b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
         out = torch.empty(size, size, device=device, dtype=dtype)
-        for _ in range(2):  # warm up kernels and caches
-            torch.mm(a, b, out=out)
-        synchronize(device)
-        best = float("inf")
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            torch.mm(a, b, out=out)
+        kernels = [lambda: torch.mm(a, b, out=out)]
+        if device.type == "cpu" and dtype == torch.float32 and onednn_available():
+            kernels.append(lambda: onednn_nt(a, b))  # the faster of the two on some CPUs (see slimtune.kernels)
+        for kernel in kernels:
+            for _ in range(2):  # warm up kernels and caches
+                kernel()
             synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        peak = max(peak, 2 * size**3 / best)
+            best = float("inf")
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                kernel()
+                synchronize(device)
+                best = min(best, time.perf_counter() - t0)
+            peak = max(peak, 2 * size**3 / best)
     if use_cache:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)

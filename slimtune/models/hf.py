@@ -238,6 +238,21 @@ def _remote_code_kwargs(trust_remote_code: bool) -> dict:
     return {"trust_remote_code": True} if trust_remote_code else {}
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing), on old and new
+    transformers (`activation_checkpointing_enable` replaces `gradient_checkpointing_enable` in 5.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embedding output require grad, which only reentrant checkpointing needs. Left on,
+    # it makes backward run through every layer, also those below BAdam's active block that nothing trains in
+    # (measured: 2x slower and +180 MB with the last layer active).
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
 def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     """The tokenizer of a model (see `resolve_model`), with a pad token (the EOS token when it has none)."""
     path = resolve_model(name_or_path)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision
+from slimtune.kernels import choose_matmul, use_onednn_linear
 from slimtune.memory import format_bytes, peak_memory_bytes
 from slimtune.parallel import ddp
 from slimtune.train import checkpoint as ckpt_io
@@ -163,6 +164,9 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, env.rank, env.world_size, device)
     model = workload.model.to(device)
+    matmul = choose_matmul(cfg.matmul, device)
+    if matmul == "onednn":
+        use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, workload.n_train_examples, verbose=env.is_main)
     torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ per rank
     scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
@@ -229,7 +233,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
 
     if env.is_main:
         tqdm.write(f"model: {workload.describe()} | method {cfg.method} | device {device} "
-                   f"{str(compute_dtype).replace('torch.', '')} | {env.world_size} process(es) | "
+                   f"{str(compute_dtype).replace('torch.', '')} | matmul {matmul} | {env.world_size} process(es) | "
                    f"{cfg.batch_size * cfg.grad_accum * env.world_size} sequences/step")
 
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,

@@ -234,7 +234,7 @@ class HFCausalLMWorkload(_HFWorkload):
 
     def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
         from slimtune.data.instruct import load_instruction_data
-        from slimtune.models.hf import load_causal_lm
+        from slimtune.models.hf import enable_checkpointing, load_causal_lm
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FILE (Alpaca JSON/JSONL, chat JSONL or a .txt file)")
@@ -248,7 +248,7 @@ class HFCausalLMWorkload(_HFWorkload):
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
         if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         self.model_config = {"kind": "hf-causal-lm", "source": cfg.model, **_arch(self.model)}
 
     def describe(self) -> str:

@@ -131,3 +131,22 @@ def test_finetune_bad_input_reports_file_and_line(llama_dir, tmp_path, capsys):
     assert code == 2 and "no-such-model" in err
     code = cli.main(["chat", str(tmp_path)])
     assert code == 2
+
+
+def test_badam_with_checkpointing_and_onednn_matches_plain_run(llama_dir, chat_file, tmp_path, capsys):
+    """Recomputing activations (gradient_checkpointing) and oneDNN products change speed and memory, not the run."""
+    from slimtune.kernels import onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    losses = {}
+    for name, extra in {"plain": ["matmul=aten"], "ckpt+onednn": ["matmul=onednn", "gradient_checkpointing=true"]}.items():
+        out = tmp_path / name
+        args = ["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=6",
+                "method=badam", "badam.switch_every=2", "badam.switch_mode=ascending", "eval_interval=0",
+                "log_interval=1", "lr=3e-3", *extra]
+        assert cli.main(args) == 0
+        assert f"matmul {extra[0].split('=')[1]}" in capsys.readouterr().out
+        losses[name] = [r["loss"] for r in records(out, "train")]
+    assert len(losses["plain"]) == 6
+    assert losses["ckpt+onednn"] == pytest.approx(losses["plain"], abs=1e-4)
