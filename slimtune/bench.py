@@ -48,7 +48,7 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
         raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its n_layer/n_head/n_embd keys")
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
-    matmul = choose_matmul(cfg.matmul, device)
+    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile)
     if matmul == "onednn":
         use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, n_train_examples=10**6, verbose=False)

@@ -163,7 +163,7 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 autocast where the hardware computes bf16 natively, else fp32), fp32, bf16 or fp16."""
     compile: bool = False
-    """Compile the model with torch.compile (slow start, faster steps on GPUs)."""
+    """Compile the model with torch.compile (slow start, faster steps on GPUs; on CPU it keeps matmul=aten)."""
     matmul: str = "auto"
     """Kernel for nn.Linear products on CPU in fp32: auto (time torch's BLAS against oneDNN once per machine and
     use the faster; oneDNN is ~2x faster on AMD CPUs), onednn, or aten (torch's default)."""

@@ -139,16 +139,20 @@ def time_backends(shape: tuple[int, int, int] = (512, 576, 1536), seconds: float
     return times
 
 
-def choose_matmul(setting: str, device: torch.device, use_cache: bool = True) -> str:
+def choose_matmul(setting: str, device: torch.device, compile: bool = False, use_cache: bool = True) -> str:
     """The backend for nn.Linear: `aten` or `onednn`. `auto` picks oneDNN on a CPU where it is at least 10 %
-    faster than torch's default, measured once per (CPU model, thread count) and cached."""
+    faster than torch's default, measured once per (CPU model, thread count) and cached. torch.compile (inductor)
+    cannot lower the oneDNN linear, so a compiled model keeps aten's."""
     if setting not in MATMUL_CHOICES:
         raise SlimtuneError(f"matmul={setting!r} is not one of {', '.join(MATMUL_CHOICES)}")
     if setting != "auto":
         if setting == "onednn" and device.type != "cpu":
             raise SlimtuneError(f"matmul=onednn is a CPU kernel, but device is {device}; use matmul=auto or aten")
+        if setting == "onednn" and compile:
+            raise SlimtuneError("matmul=onednn cannot be combined with compile=true (torch.compile cannot lower "
+                                "oneDNN's linear); use compile=false, or matmul=aten to compile")
         return setting
-    if device.type != "cpu" or not onednn_available():
+    if device.type != "cpu" or compile or not onednn_available():
         return "aten"
     key = f"{_cpu_name()}|threads={torch.get_num_threads()}"
     cache = _cache_file()

@@ -108,6 +108,9 @@ def test_choose_matmul_settings_and_errors():
     with pytest.raises(SlimtuneError, match="matmul=onednn is a CPU kernel, but device is cuda"):
         choose_matmul("onednn", torch.device("cuda"))
     assert choose_matmul("auto", torch.device("cuda")) == "aten"
+    assert choose_matmul("auto", cpu, compile=True) == "aten"  # inductor cannot lower the oneDNN linear
+    with pytest.raises(SlimtuneError, match="matmul=onednn cannot be combined with compile=true"):
+        choose_matmul("onednn", cpu, compile=True)
     with pytest.raises(SlimtuneError, match=r"matmul='onedn' is not one of .*Did you mean 'onednn'"):
         make_config(TrainConfig, overrides=["matmul=onedn"])
 

@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, env.rank, env.world_size, device)
     model = workload.model.to(device)
-    matmul = choose_matmul(cfg.matmul, device)
+    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile)
     if matmul == "onednn":
         use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, workload.n_train_examples, verbose=env.is_main)
