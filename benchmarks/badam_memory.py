@@ -7,8 +7,9 @@ Methods: ``adamw`` (full AdamW), ``badam14`` (the badam 1.4 package), ``lora`` (
 ``slimtune`` (slimtune.BlockOptimizer), each with options that change the training set-up, not the method:
 ``+fused`` computes the loss chunk by chunk without full logits (`fused_lm_loss`), ``+onednn`` runs every
 nn.Linear on oneDNN (`slimtune.kernels`), ``+ckpt`` recomputes decoder-layer activations in backward (transformers'
-activation checkpointing), ``+malloc`` stops glibc from keeping freed activations resident
-(`limit_heap_retention`), ``+hooks`` steps BAdam parameters inside backward (``update_in_backward=True``). Without
+activation checkpointing), ``+keep`` and ``+release`` set glibc's malloc as ``slimtune train cpu_allocator=keep``
+(the default: freed buffers stay for reuse) and ``cpu_allocator=release`` (every large buffer returned to the OS on
+free) do (`slimtune.memory.set_cpu_allocator`; without either, glibc's defaults), ``+hooks`` steps BAdam parameters inside backward (``update_in_backward=True``). Without
 options every method uses the model's own loss and torch's default kernels, as its users would.
 ``slimtune+fused+onednn`` is what ``slimtune train method=badam`` runs on this machine (the loop always uses the
 chunked loss, and ``matmul=auto`` picks oneDNN here); ``+ckpt`` adds ``gradient_checkpointing=true``.
@@ -113,28 +114,22 @@ def fused_lm_loss(model, input_ids, chunk: int = 256):
     return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), chunk)
 
 
-def limit_heap_retention(threshold: int = 128 * 1024) -> None:
-    """Make glibc serve every allocation above ``threshold`` bytes with its own mmap, returned to the OS on free.
-
-    By default glibc raises that threshold as large blocks are freed, after which activation-sized tensors come
-    from the brk heap, which only shrinks from the top: freed activations stay resident and fragment, and RSS
-    creeps up step after step. Fixing the threshold keeps RSS at what is live, for a few page faults per tensor.
-    """
-    import ctypes
-
-    M_MMAP_THRESHOLD = -3  # from <malloc.h>
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-
-
 def worker(spec: str, folder: Path, steps: int, batch: int, seq: int, first_block: str = "bottom") -> dict:
-    """Run one method (``name[+option...]``, options: fused, onednn, ckpt, malloc, hooks); return its measurements."""
+    """Run one method (``name[+option...]``, options: fused, onednn, ckpt, keep, release, hooks); return its measurements."""
     method, *options = spec.split("+")
-    unknown = set(options) - {"fused", "malloc", "hooks", "onednn", "ckpt"}
+    unknown = set(options) - {"fused", "keep", "release", "hooks", "onednn", "ckpt"}
     if method not in METHODS or unknown:
         raise SystemExit(f"unknown method {spec!r}: use one of {METHODS} with options +fused, +onednn, +ckpt, "
-                         f"+malloc, +hooks")
-    if "malloc" in options:
-        limit_heap_retention()
+                         f"+keep, +release, +hooks")
+    allocator = [o for o in options if o in ("keep", "release")]
+    if len(allocator) > 1:
+        raise SystemExit(f"{spec!r}: +keep and +release set the allocator in opposite ways; use one")
+    if allocator:
+        sys.path.insert(0, str(ROOT))
+        from slimtune.memory import set_cpu_allocator
+
+        if not set_cpu_allocator(allocator[0]):
+            raise SystemExit(f"+{allocator[0]} needs Linux with glibc")
     torch.set_num_threads(2)
     model = load_model(folder)
     sys.path.insert(0, str(ROOT))

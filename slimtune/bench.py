@@ -16,7 +16,7 @@ from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
 from slimtune.kernels import choose_matmul, use_onednn_linear
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision, synchronize
-from slimtune.memory import format_bytes, peak_memory_bytes
+from slimtune.memory import format_bytes, peak_memory_bytes, set_cpu_allocator
 from slimtune.models.gpt import GPT, GPTConfig
 from slimtune.train.loop import build_optimizer, clip_gradients
 
@@ -42,6 +42,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_allocator(cfg.cpu_allocator)
     dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     if cfg.model != "gpt":

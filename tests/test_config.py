@@ -54,6 +54,7 @@ def test_wrong_types(override, message):
         ("method=lora2", "method='lora2' is not one of"),
         ("badam.switch_mode=randm", "Did you mean 'random'"),
         ("badam.switch_every=0", "badam.switch_every must be >= 1"),
+        ("cpu_allocator=kep", "cpu_allocator='kep' is not one of keep, system, release. Did you mean 'keep'"),
     ],
 )
 def test_value_checks(override, message):

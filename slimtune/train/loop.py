@@ -21,7 +21,7 @@ from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision
 from slimtune.kernels import choose_matmul, use_onednn_linear
-from slimtune.memory import format_bytes, peak_memory_bytes
+from slimtune.memory import format_bytes, peak_memory_bytes, set_cpu_allocator
 from slimtune.parallel import ddp
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.logging import MetricsLog, plot_losses
@@ -145,6 +145,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cpu":
+        set_cpu_allocator(cfg.cpu_allocator)
     env = ddp.init_from_env(device.type)
     if env.enabled and device.type == "cuda":
         device = torch.device("cuda", env.local_rank)

@@ -26,6 +26,14 @@ def test_forward_shapes_and_initial_loss():
     assert logits.shape == (3, 1, 50) and loss is None
 
 
+def test_targets_may_be_a_slice_of_the_same_window():
+    model = tiny()
+    window = torch.randint(0, 50, (3, 17))
+    _, loss_from_slices = model(window[:, :-1], window[:, 1:])  # neither slice is contiguous
+    _, loss = model(window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    assert torch.equal(loss_from_slices, loss)
+
+
 def test_tied_embeddings_and_param_count():
     model = tiny(bias=False)
     assert model.lm_head.weight is model.transformer.wte.weight
