@@ -42,8 +42,9 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    allocator = ""
     if device.type == "cpu":
-        set_cpu_allocator(cfg.cpu_allocator)
+        allocator = f" cpu_allocator={cfg.cpu_allocator if set_cpu_allocator(cfg.cpu_allocator) else 'system'}"
     dtype = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     if cfg.model != "gpt":
@@ -84,7 +85,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     flops = raw.flops_per_token() * tok_s
     return BenchResult(
         config=f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} block_size={cfg.block_size} "
-               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul}",
+               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul}"
+               f"{allocator}",
         device=str(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
         params=raw.num_params(), tokens_per_step=tokens, step_seconds=dt, tokens_per_second=tok_s,
         flops_per_second=flops, peak_flops=peak, mfu=flops / peak, peak_memory_bytes=peak_memory_bytes(device),

@@ -60,7 +60,7 @@ def set_cpu_allocator(mode: str) -> bool:
     - ``keep``: every freed block stays in the process for reuse; once the heap has reached its high-water mark
       (a few steps) steps no longer fault. Measured peak RSS within the run-to-run range of glibc's defaults (it
       is set by what is live at once); memory freed after the peak stays with the process until it exits.
-    - ``system``: leave the allocator as it is.
+    - ``system``: leave the allocator as it is (glibc's defaults, or what ``MALLOC_*`` environment variables set).
     - ``release``: every block over 128 KiB is its own mapping, returned on free, so resident memory tracks live
       tensors (BAdam on SmolLM2-135M: ~20 % lower peak) at the price of faulting every buffer in afresh (1.3-1.7x the
       time).

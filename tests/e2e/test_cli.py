@@ -1,6 +1,7 @@
 """The CLI end to end on tiny models: verbs, files written, losses, and every bad-input error."""
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -68,8 +69,10 @@ def test_bench_reports(capsys):
                      "--warmup", "1"])
     out = capsys.readouterr().out
     assert code == 0
-    for key in ("tokens/s", "GFLOP/s", "MFU", "peak memory"):
+    for key in ("tokens/s", "GFLOP/s", "MFU", "peak memory", "matmul="):
         assert key in out
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert ("cpu_allocator=keep" if glibc else "cpu_allocator=system") in out
 
 
 @pytest.mark.parametrize(
