@@ -216,6 +216,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     # All parameters: which ones train may change during the run (BAdam); clipping skips those without gradients.
     params = list(raw_model.parameters())
     n_params = sum(p.numel() for p in params)
+    flops_per_token = workload.flops_per_token()  # fixed for the run: counting parameters every step costs time
 
     saved_step = -1
 
@@ -303,7 +304,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                 # 6N per token assumes every weight gets a gradient; with a frozen part (BAdam) the weight-gradient
                 # third shrinks to the trainable share: 2N forward + 2N input-gradients + 2N_trainable.
                 share = sum(p.numel() for p in params if p.requires_grad) / n_params
-                mfu = workload.flops_per_token() * (4 + 2 * share) / 6 * tok_s / env.world_size / peak_flops
+                mfu = flops_per_token * (4 + 2 * share) / 6 * tok_s / env.world_size / peak_flops
                 peak = peak_memory_bytes(device)
                 bar.update(1)
                 if not bar.disable:
