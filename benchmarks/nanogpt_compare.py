@@ -71,7 +71,12 @@ def run_slimtune(data: Path, iters: int, threads: int, compile: bool = False) ->
                    check=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(out, ignore_errors=True)
-    ms = [r["dt_s"] * 1000 for r in records if r["kind"] == "train" and r["step"] % 250 != 0]
+    # Wall-clock time between consecutive steps' records, as nanoGPT measures (its time includes its logging);
+    # a step is left out if an evaluation ran since the previous record.
+    train = [r for r in records if r["kind"] == "train"]
+    evaluated = {r["step"] for r in records if r["kind"] == "eval"}
+    ms = [(b["time"] - a["time"]) * 1000 for a, b in zip(train, train[1:])
+          if b["step"] == a["step"] + 1 and a["step"] not in evaluated]
     return ms[5:]
 
 

@@ -6,6 +6,7 @@ peak memory. Inputs are random token ids, so no data folder is needed.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_
 from slimtune.memory import format_bytes, peak_memory_bytes, set_cpu_allocator
 from slimtune.models.gpt import GPT, GPTConfig
 from slimtune.train.loop import build_optimizer, clip_gradients
+from slimtune.train.shards import ShardedBackward, cpu_shards_for
 
 
 @dataclass
@@ -51,7 +53,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
         raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its n_layer/n_head/n_embd keys")
     model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                           n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
-    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile)
+    n_shards = cpu_shards_for(cfg, device, model, distributed=False, can_split_rows=True)
+    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile, threads=1 if n_shards > 1 else None)
     if matmul == "onednn":
         use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, n_train_examples=10**6, verbose=False)
@@ -62,21 +65,33 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=g).to(device)
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     params = [p for p in model.parameters() if p.requires_grad]
+    shards = [((xs, ys), xs.shape[0] / cfg.batch_size)
+              for xs, ys in zip(inputs.tensor_split(n_shards), targets.tensor_split(n_shards))]
+
+    def loss_of(batch):
+        return model(*batch)[1]
+
     times = []
-    for i in range(warmup + steps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(cfg.grad_accum):
-            with amp:
-                _, loss = model(inputs, targets)
-            (loss / cfg.grad_accum).backward()
-        if cfg.grad_clip > 0:
-            clip_gradients(optimizer, params, cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    with contextlib.ExitStack() as stack:
+        sharded = stack.enter_context(ShardedBackward(n_shards, lambda: autocast(device, dtype))) \
+            if n_shards > 1 else None
+        for i in range(warmup + steps):
+            synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                if sharded is not None:
+                    sharded(loss_of, shards, 1 / cfg.grad_accum, params)
+                    continue
+                with amp:
+                    loss = loss_of((inputs, targets))
+                (loss / cfg.grad_accum).backward()
+            if cfg.grad_clip > 0:
+                clip_gradients(optimizer, params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
     raw = getattr(model, "_orig_mod", model)
     dt = statistics.median(times)
     tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum
@@ -85,7 +100,8 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     flops = raw.flops_per_token() * tok_s
     return BenchResult(
         config=f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} block_size={cfg.block_size} "
-               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul}"
+               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul} "
+               f"cpu_shards={n_shards}"
                f"{allocator}",
         device=str(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
         params=raw.num_params(), tokens_per_step=tokens, step_seconds=dt, tokens_per_second=tok_s,

@@ -139,10 +139,12 @@ def time_backends(shape: tuple[int, int, int] = (512, 576, 1536), seconds: float
     return times
 
 
-def choose_matmul(setting: str, device: torch.device, compile: bool = False, use_cache: bool = True) -> str:
+def choose_matmul(setting: str, device: torch.device, compile: bool = False, use_cache: bool = True,
+                  threads: int | None = None) -> str:
     """The backend for nn.Linear: `aten` or `onednn`. `auto` picks oneDNN on a CPU where it is at least 10 %
-    faster than torch's default, measured once per (CPU model, thread count) and cached. torch.compile (inductor)
-    cannot lower the oneDNN linear, so a compiled model keeps aten's."""
+    faster than torch's default, measured once per (CPU model, thread count) and cached. `threads`: how many
+    threads each product will run on (default: torch's current setting; 1 under cpu_shards). torch.compile
+    (inductor) cannot lower the oneDNN linear, so a compiled model keeps aten's."""
     if setting not in MATMUL_CHOICES:
         raise SlimtuneError(f"matmul={setting!r} is not one of {', '.join(MATMUL_CHOICES)}")
     if setting != "auto":
@@ -154,7 +156,9 @@ def choose_matmul(setting: str, device: torch.device, compile: bool = False, use
         return setting
     if device.type != "cpu" or compile or not onednn_available():
         return "aten"
-    key = f"{_cpu_name()}|threads={torch.get_num_threads()}"
+    main_threads = torch.get_num_threads()
+    threads = threads or main_threads
+    key = f"{_cpu_name()}|threads={threads}"
     cache = _cache_file()
     cached: dict = {}
     if use_cache and cache.is_file():
@@ -163,7 +167,13 @@ def choose_matmul(setting: str, device: torch.device, compile: bool = False, use
         except (OSError, json.JSONDecodeError):
             cached = {}
     if key not in cached:
-        cached[key] = time_backends()
+        if threads != main_threads:
+            torch.set_num_threads(threads)
+        try:
+            cached[key] = time_backends()
+        finally:
+            if threads != main_threads:
+                torch.set_num_threads(main_threads)
         if use_cache:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from slimtune.parallel import ddp
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.logging import MetricsLog, plot_losses
 from slimtune.train.schedule import cosine_with_warmup
+from slimtune.train.shards import ShardedBackward, cpu_shards_for
 from slimtune.train.workloads import Workload, build_workload, decay_groups
 
 
@@ -166,7 +168,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, env.rank, env.world_size, device)
     model = workload.model.to(device)
-    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile)
+    n_shards = cpu_shards_for(cfg, device, model, distributed=env.enabled, can_split_rows=workload.can_split_rows)
+    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile, threads=1 if n_shards > 1 else None)
     if matmul == "onednn":
         use_onednn_linear(model)
     optimizer = build_optimizer(model, cfg, device, workload.n_train_examples, verbose=env.is_main)
@@ -236,7 +239,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
 
     if env.is_main:
         tqdm.write(f"model: {workload.describe()} | method {cfg.method} | device {device} "
-                   f"{str(compute_dtype).replace('torch.', '')} | matmul {matmul} | {env.world_size} process(es) | "
+                   f"{str(compute_dtype).replace('torch.', '')} | matmul {matmul} | "
+                   f"{f'{n_shards} batch shards | ' if n_shards > 1 else ''}{env.world_size} process(es) | "
                    f"{cfg.batch_size * cfg.grad_accum * env.world_size} sequences/step")
 
     bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
@@ -258,7 +262,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
     tok_s_ema = None
     tokens_seen = trainer_state["tokens"] if resume_from is not None else 0
     model.train()
-    with _StopRequest() as stop:
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(_StopRequest())
+        sharded = stack.enter_context(ShardedBackward(n_shards, lambda: autocast(device, compute_dtype))) \
+            if n_shards > 1 else None
         while step < cfg.max_iters:
             lr = cosine_with_warmup(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters) if cfg.decay_lr else cfg.lr
             for group in optimizer.param_groups:
@@ -270,6 +277,10 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
             for micro in range(cfg.grad_accum):
                 batch = workload.next_batch()
                 step_tokens += workload.batch_tokens(batch)
+                if sharded is not None:
+                    loss_sum += sharded(partial(workload.loss, model), workload.split_batch(batch, n_shards),
+                                        1 / cfg.grad_accum, [p for p in params if p.requires_grad])
+                    continue
                 # Only the last micro-batch all-reduces gradients under DDP.
                 sync = model.no_sync() if env.enabled and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
                 with sync:
@@ -314,7 +325,7 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
                     record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
                               "grad_norm": None if grad_norm is None else float(grad_norm),
                               "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu, "peak_mem_bytes": peak,
-                              "dt_s": dt}
+                              "dt_s": dt, "time": time.time()}
                     if hasattr(optimizer, "optimizer_state_bytes"):
                         record["optimizer_state_bytes"] = optimizer.optimizer_state_bytes()
                     metrics.write(record)
@@ -325,7 +336,8 @@ def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainRes
 
             saved_now = False
             if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-                losses = estimate_loss(model, workload, cfg.eval_iters, amp, env, device)
+                with sharded.all_cores() if sharded is not None else contextlib.nullcontext():
+                    losses = estimate_loss(model, workload, cfg.eval_iters, amp, env, device)
                 val_loss = losses.get("val", val_loss)
                 if env.is_main:
                     tqdm.write(f"step {step}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()))

@@ -47,11 +47,13 @@ class Workload:
     model            the raw nn.Module being trained
     model_config     a JSON-able description of the architecture, compared on resume
     n_train_examples examples (windows, conversations) in one pass over the training data
+    can_split_rows   whether `split_batch` works (cpu_shards)
     """
 
     model: nn.Module
     model_config: dict
     n_train_examples: int
+    can_split_rows: bool = False
 
     def next_batch(self) -> Any:
         raise NotImplementedError
@@ -61,6 +63,11 @@ class Workload:
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def split_batch(self, batch, n: int) -> list[tuple[Any, float]]:
+        """`batch` as `n` row shards with weights such that sum(weight * loss(shard)) == loss(batch) (up to float
+        rounding), for `cpu_shards`. Only where `can_split_rows`."""
         raise NotImplementedError
 
     def eval_batches(self, split: str, max_batches: int):
@@ -90,6 +97,8 @@ class Workload:
 
 
 class LMWorkload(Workload):
+    can_split_rows = True
+
     def __init__(self, cfg: TrainConfig, rank: int, device: torch.device):
         from dataclasses import asdict
 
@@ -121,6 +130,11 @@ class LMWorkload(Workload):
 
     def loss(self, model, batch):
         return model(*batch)[1]
+
+    def split_batch(self, batch, n: int) -> list[tuple[Any, float]]:
+        # Every row is a full window of block_size targets, so a shard's share of the mean loss is its share of rows.
+        x, y = batch
+        return [((xs, ys), xs.shape[0] / x.shape[0]) for xs, ys in zip(x.tensor_split(n), y.tensor_split(n))]
 
     def eval_batches(self, split: str, max_batches: int):
         w = self._eval.get(split)

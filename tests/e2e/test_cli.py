@@ -73,6 +73,11 @@ def test_bench_reports(capsys):
         assert key in out
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert ("cpu_allocator=keep" if glibc else "cpu_allocator=system") in out
+    # conftest runs torch on 2 threads: auto gives each thread one of the 2 sequences.
+    assert "cpu_shards=2" in out
+    code = cli.main(["bench", "n_layer=1", "n_head=2", "n_embd=32", "block_size=16", "batch_size=2", "cpu_shards=1",
+                     "--steps", "1", "--warmup", "0"])
+    assert code == 0 and "cpu_shards=1" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -83,6 +88,8 @@ def test_bench_reports(capsys):
         (["batch_size=0"], "batch_size must be a positive integer, got 0"),
         (["resume=must"], "resume=must but"),
         (["block_size=40000"], "fewer than block_size+1 = 40001"),
+        (["cpu_shards=2", "dropout=0.1"], "cpu_shards=2 cannot be used with dropout=0.1: set cpu_shards=1"),
+        (["cpu_shards=5"], "cpu_shards=5 is more than batch_size=4"),
     ],
 )
 def test_train_bad_input(tiny_args, capsys, extra, message):

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from slimtune import cli
 from slimtune.train.checkpoint import list_checkpoints
 from tests.conftest import TINY
@@ -26,22 +28,29 @@ def train_args(data, out, *extra):
             "eval_interval=0", "threads=1", *extra]
 
 
+# Batch shards on worker threads (cpu_shards) need dropout=0; the data order and sums must still resume exactly.
+SHARDED = ("dropout=0", "threads=2", "cpu_shards=2")
+
+
 def spawn(args, **env):
     return subprocess.Popen([sys.executable, "-m", "slimtune", *map(str, args)], cwd=ROOT,
                             env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_kill_and_resume_is_bit_identical(char_data, tmp_path):
+@pytest.mark.parametrize("extra", [(), SHARDED], ids=["plain", "cpu_shards"])
+def test_kill_and_resume_is_bit_identical(char_data, tmp_path, capsys, extra):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    assert cli.main(train_args(char_data, straight, "max_iters=20")) == 0
+    assert cli.main(train_args(char_data, straight, "max_iters=20", *extra)) == 0
+    assert ("2 batch shards" in capsys.readouterr().out) == bool(extra)
 
     # The same run, SIGKILLed right after its step-10 checkpoint (as an OOM kill or preemption would).
-    proc = spawn(train_args(char_data, crashed, "max_iters=20", "save_interval=10"), SLIMTUNE_FAULT_KILL_AT_STEP="10")
+    proc = spawn(train_args(char_data, crashed, "max_iters=20", "save_interval=10", *extra),
+                 SLIMTUNE_FAULT_KILL_AT_STEP="10")
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(crashed)] == ["step-000010"]
 
-    assert cli.main(train_args(char_data, crashed, "max_iters=20", "save_interval=10")) == 0  # resume=auto
+    assert cli.main(train_args(char_data, crashed, "max_iters=20", "save_interval=10", *extra)) == 0  # resume=auto
     a, b = losses(straight), losses(crashed)
     assert sorted(a) == sorted(b) == list(range(1, 21))
     assert a == b  # exact float equality, every step
