@@ -3,8 +3,8 @@
 Why: at the sizes people train from scratch on a CPU, one op (a 768x128 @ 128x512 product, a GELU, a small
 attention) is too small to keep several cores busy, and every parallel op pays a fork/join. Giving each core its
 own rows of the batch and running every op single-threaded keeps both cores busy for the whole step (measured on
-2 cores: the nanoGPT README config's forward + backward 39 -> 36 ms, a 6x384 GPT at block 256 ~1020 -> ~950 ms;
-see docs/BENCHMARKS.md). torch releases the GIL inside its ops, so Python threads are enough.
+2 cores, nanoGPT's README config: forward + backward 41 -> 36 ms; a 6x384 GPT at block 256 gains nothing; see
+docs/BENCHMARKS.md §1b). torch releases the GIL inside its ops, so Python threads are enough.
 
 What stays exact: each shard runs single-threaded, so its result does not depend on scheduling; shard 0
 back-propagates into `.grad`, the others return their gradients, which are added in shard order. A run with the
@@ -79,29 +79,30 @@ def resolve_cpu_shards(requested: int, *, device: torch.device, batch_size: int,
 
 
 class ShardedBackward:
-    """Worker threads, one per shard, each running torch single-threaded. Use as a context manager; call it once
-    per micro-batch. Shard i always runs on worker i."""
+    """Runs shard 0 on the calling thread and shards 1..n-1 on worker threads, every one of them single-threaded
+    in torch. Use as a context manager; call it once per micro-batch. Shard i always runs on the same thread."""
 
     def __init__(self, n_shards: int, autocast: Callable[[], ContextManager]):
         if n_shards < 2:
             raise ValueError(f"ShardedBackward needs at least 2 shards, got {n_shards}")
         self.n = n_shards
         self._autocast = autocast
-        self._tasks = [queue.SimpleQueue() for _ in range(n_shards)]
+        self._tasks = [queue.SimpleQueue() for _ in range(n_shards - 1)]
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> "ShardedBackward":
         self._main_threads = torch.get_num_threads()
-        ready = threading.Barrier(self.n + 1)
-        for i in range(self.n):
+        ready = threading.Barrier(self.n)
+        for i in range(1, self.n):
             t = threading.Thread(target=self._work, args=(i, ready), name=f"slimtune-shard-{i}", daemon=True)
             t.start()
             self._threads.append(t)
         ready.wait()
-        # The main thread runs single-threaded too (clipping, the optimizer step): after a parallel op its idle
-        # OpenMP team spins for a while on the very cores the shards need next (measured: 36 -> 41 ms per
-        # forward + backward on 2 cores), and the fused optimizer step was no slower on one thread.
+        # The calling thread computes shard 0 and, between micro-batches, clipping and the optimizer step, all on
+        # one thread: an idle OpenMP team left by a parallel op spins for a while on the very cores the shards
+        # need next (measured: 36 -> 41 ms per forward + backward on 2 cores), and the fused optimizer step was
+        # no slower on one thread.
         torch.set_num_threads(1)
         return self
 
@@ -115,7 +116,7 @@ class ShardedBackward:
 
     @contextlib.contextmanager
     def all_cores(self):
-        """Inside: the main thread uses all its threads again (for unsharded work such as evaluation)."""
+        """Inside: the calling thread uses all its threads again (for unsharded work such as evaluation)."""
         torch.set_num_threads(self._main_threads)
         try:
             yield
@@ -127,20 +128,20 @@ class ShardedBackward:
         torch.get_num_threads()
         torch.set_num_threads(1)
         ready.wait()
-        while (task := self._tasks[index].get()) is not None:
-            loss_fn, batch, scale, inputs = task
+        while (task := self._tasks[index - 1].get()) is not None:
             try:
-                with self._autocast():
-                    loss = loss_fn(batch)
-                scaled = loss * scale
-                if inputs is None:
-                    scaled.backward()
-                    grads = None
-                else:
-                    grads = torch.autograd.grad(scaled, inputs, allow_unused=True)
-                self._results.put((index, loss.detach(), grads))
-            except BaseException as exc:  # handed to the main thread, which raises it
+                self._results.put((index, *self._run(*task)))
+            except BaseException as exc:  # handed to the calling thread, which raises it
                 self._results.put((index, exc, None))
+
+    def _run(self, loss_fn, batch, scale: float, inputs: list[torch.Tensor] | None):
+        """One shard's forward and backward: into `.grad` if `inputs` is None, else returned for `inputs`."""
+        with self._autocast():
+            loss = loss_fn(batch)
+        if inputs is None:
+            (loss * scale).backward()
+            return loss.detach(), None
+        return loss.detach(), torch.autograd.grad(loss * scale, inputs, allow_unused=True)
 
     def __call__(self, loss_fn: Callable[[Any], torch.Tensor], shards: Sequence[tuple[Any, float]], scale: float,
                  trainable: list[torch.Tensor]) -> torch.Tensor:
@@ -149,10 +150,15 @@ class ShardedBackward:
         sum of weight * loss (the whole micro-batch's loss when the weights are the shards' shares)."""
         if len(shards) != self.n:
             raise ValueError(f"expected {self.n} shards, got {len(shards)}")
-        for i, (batch, weight) in enumerate(shards):
-            self._tasks[i].put((loss_fn, batch, weight * scale, None if i == 0 else trainable))
+        for i in range(1, self.n):
+            batch, weight = shards[i]
+            self._tasks[i - 1].put((loss_fn, batch, weight * scale, trainable))
         results: list = [None] * self.n
-        for _ in range(self.n):
+        try:
+            results[0] = self._run(loss_fn, shards[0][0], shards[0][1] * scale, None)
+        except BaseException as exc:
+            results[0] = (exc, None)
+        for _ in range(1, self.n):  # always collect every worker's result, so none is left over for the next call
             index, loss, grads = self._results.get()
             results[index] = (loss, grads)
         failed = [r[0] for r in results if isinstance(r[0], BaseException)]
