@@ -6,7 +6,7 @@ nanoGPT is not a dependency: pass a checkout of https://github.com/karpathy/nano
 preparation needs a download, so this script writes its data folder from slimtune's built-in corpus instead).
 Both run the README's CPU configuration: n_layer=4 n_head=4 n_embd=128 block_size=64 batch_size=12 dropout=0,
 fp32, no compile, eval_iters=20. The score is the median milliseconds per iteration, excluding iterations that
-evaluated or checkpointed. Runs alternate (nanoGPT, slimtune, nanoGPT, ...) so background load hits both alike.
+evaluated or checkpointed; both are wall-clock times from one iteration's log line to the next, logging included. Runs alternate (nanoGPT, slimtune, nanoGPT, ...) so background load hits both alike.
 """
 
 from __future__ import annotations
