@@ -1,4 +1,4 @@
-"""CPU batch shards: one micro-batch's forward and backward split by rows over worker threads, one core each.
+"""CPU batch shards: one micro-batch's forward and backward split by rows over threads, one core each.
 
 Why: at the sizes people train from scratch on a CPU, one op (a 768x128 @ 128x512 product, a GELU, a small
 attention) is too small to keep several cores busy, and every parallel op pays a fork/join. Giving each core its
