@@ -7,8 +7,8 @@ Methods: ``adamw`` (full AdamW), ``badam14`` (the badam 1.4 package), ``lora`` (
 ``slimtune`` (slimtune.BlockOptimizer), each with options that change the training set-up, not the method:
 ``+fused`` computes the loss chunk by chunk without full logits (`fused_lm_loss`), ``+onednn`` runs every
 nn.Linear on oneDNN (`slimtune.kernels`), ``+ckpt`` recomputes decoder-layer activations in backward (transformers'
-activation checkpointing), ``+keep`` and ``+release`` set glibc's malloc as ``slimtune train cpu_allocator=keep``
-(the default: freed buffers stay for reuse) and ``cpu_allocator=release`` (every large buffer returned to the OS on
+activation checkpointing), ``+keep`` and ``+release`` set glibc's malloc as ``slimtune train runtime.cpu_allocator=keep``
+(the default: freed buffers stay for reuse) and ``runtime.cpu_allocator=release`` (every large buffer returned to the OS on
 free) do (`slimtune.memory.set_cpu_allocator`; without either, glibc's defaults), ``+hooks`` steps BAdam parameters inside backward (``update_in_backward=True``). Without
 options every method uses the model's own loss and torch's default kernels, as its users would.
 ``slimtune+fused+onednn`` is what ``slimtune train method=badam`` runs on this machine (the loop always uses the

@@ -24,6 +24,8 @@ import tempfile
 from pathlib import Path
 
 CONFIG = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0)
+# slimtune's keys for CONFIG (the GPT architecture lives in the gpt.* section).
+SLIMTUNE_KEYS = {k: k if k == "batch_size" else f"gpt.{k}" for k in CONFIG}
 
 
 def prepare_data(work: Path) -> Path:
@@ -61,10 +63,11 @@ def run_nanogpt(nanogpt: Path, data: Path, iters: int, threads: int, compile: bo
 
 def run_slimtune(data: Path, iters: int, threads: int, compile: bool = False) -> list[float]:
     out = Path(tempfile.mkdtemp())
-    args = [f"{k}={v}" for k, v in CONFIG.items()] + [
-        f"data={data}", f"out_dir={out}", f"max_iters={iters}", "eval_iters=20", "eval_interval=250",
-        "log_interval=1", "lr=1e-3", "min_lr=1e-4", "warmup_iters=100", "beta2=0.99", "progress=false",
-        "plot=false", f"threads={threads}", "resume=never", f"compile={str(compile).lower()}",
+    args = [f"{SLIMTUNE_KEYS[k]}={v}" for k, v in CONFIG.items()] + [
+        f"data={data}", f"out_dir={out}", f"max_iters={iters}", "eval.iters=20", "eval.interval=250",
+        "log.interval=1", "lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_iters=100", "optim.beta2=0.99",
+        "log.progress=false", "log.plot=false", f"runtime.threads={threads}", "resume=never",
+        f"runtime.compile={str(compile).lower()}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-m", "slimtune", "train", *args], capture_output=True, text=True, env=env,

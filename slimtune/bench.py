@@ -1,26 +1,30 @@
-"""`slimtune bench`: time forward + backward + optimizer step for a model config and batch.
+"""`slimtune bench`: time forward + backward + optimizer step for a GPT config and batch.
 
-Reports tokens/s, achieved FLOP/s, MFU against the *measured* fp32 (or bf16) matmul peak of this machine, and the
-peak memory. Inputs are random token ids, so no data folder is needed.
+Reports tokens/s, achieved FLOP/s, MFU against the *measured* fp32 (or bf16) matmul peak of this machine (the
+probe runs here, and its result is cached for the MFU shown by training runs), and the peak memory. Inputs are
+random token ids over a synthetic vocabulary (65 tokens unless --vocab-size is given), so no data folder is needed;
+the parameter count therefore differs from a run on real data by the embedding rows of the real vocabulary.
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
+from slimtune.backends import cpu as cpu_backend
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
-from slimtune.kernels import choose_matmul, use_onednn_linear
-from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision, synchronize
-from slimtune.memory import format_bytes, peak_memory_bytes, set_cpu_allocator
+from slimtune.hardware import matmul_peak_flops, pick_device, resolve_precision, synchronize
+from slimtune.memory import format_bytes, peak_memory_bytes
+from slimtune.methods.base import OptimizerContext
 from slimtune.models.gpt import GPT, GPTConfig
-from slimtune.train.loop import build_optimizer, clip_gradients
-from slimtune.train.shards import ShardedBackward, cpu_shards_for
+from slimtune.parallel import finish_auto_choice, start_strategy
+from slimtune.registry import METHODS
+from slimtune.train.flops import step_flops_per_token
+from slimtune.train.precision import Precision
 
 
 @dataclass
@@ -30,6 +34,7 @@ class BenchResult:
     dtype: str
     threads: int
     params: int
+    vocab_size: int
     tokens_per_step: int
     step_seconds: float
     tokens_per_second: float
@@ -39,80 +44,79 @@ class BenchResult:
     peak_memory_bytes: int
 
 
+class _SyntheticTokens:
+    """The workload interface over one fixed batch of random tokens."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.batch = (x, y)
+
+    def count_targets(self, batch) -> int:
+        return batch[1].numel()
+
+    def loss_sum(self, model, batch):
+        return model(*batch, reduction="sum")[1]
+
+
 def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: int = 65) -> BenchResult:
     """Median time of `steps` training steps after `warmup` untimed ones."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    allocator = ""
-    if device.type == "cpu":
-        allocator = f" cpu_allocator={cfg.cpu_allocator if set_cpu_allocator(cfg.cpu_allocator) else 'system'}"
-    dtype = resolve_precision(cfg.precision, device)
+    if not cfg.is_gpt:
+        raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its gpt.* keys")
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
+    device = strategy.device
+    precision = Precision(device, resolve_precision(cfg.runtime.precision, device))
+    method = METHODS.get(cfg.method)(cfg)
     torch.manual_seed(cfg.seed)
-    if cfg.model != "gpt":
-        raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its n_layer/n_head/n_embd keys")
-    model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)).to(device)
-    n_shards = cpu_shards_for(cfg, device, model, distributed=False, can_split_rows=True)
-    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile, threads=1 if n_shards > 1 else None)
-    if matmul == "onednn":
-        use_onednn_linear(model)
-    optimizer = build_optimizer(model, cfg, device, n_train_examples=10**6, verbose=False)
-    if cfg.compile:
-        model = torch.compile(model)
-    amp = autocast(device, dtype)
+    model = method.prepare(GPT(GPTConfig(vocab_size=vocab_size, **asdict(cfg.gpt))).to(device))
+    strategy = finish_auto_choice(strategy, cfg, method, model)
+    strategy.check(method, model)
+    backend = cpu_backend.apply(model, cfg.runtime, device, strategy.compute_threads)
+    if cfg.runtime.compile:
+        model.compile()
+    optimizer = method.build_optimizer(model, OptimizerContext(device, 10**6, cfg.batch_size, cfg.seed, False))
     g = torch.Generator().manual_seed(cfg.seed)
-    x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.block_size + 1), generator=g).to(device)
-    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    params = [p for p in model.parameters() if p.requires_grad]
-    shards = [((xs, ys), xs.shape[0] / cfg.batch_size)
-              for xs, ys in zip(inputs.tensor_split(n_shards), targets.tensor_split(n_shards))]
-
-    def loss_of(batch):
-        return model(*batch)[1]
-
+    x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.gpt.block_size + 1), generator=g).to(device)
+    work = _SyntheticTokens(x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    grad_accum = cfg.optim.grad_accum
+    clip = (lambda: method.clip_grad_norm_(model, optimizer, cfg.optim.grad_clip)) if cfg.optim.grad_clip > 0 else None
     times = []
-    with contextlib.ExitStack() as stack:
-        sharded = stack.enter_context(ShardedBackward(n_shards, lambda: autocast(device, dtype))) \
-            if n_shards > 1 else None
+    try:
         for i in range(warmup + steps):
             synchronize(device)
             t0 = time.perf_counter()
-            for _ in range(cfg.grad_accum):
-                if sharded is not None:
-                    sharded(loss_of, shards, 1 / cfg.grad_accum, params)
-                    continue
-                with amp:
-                    loss = loss_of((inputs, targets))
-                (loss / cfg.grad_accum).backward()
-            if cfg.grad_clip > 0:
-                clip_gradients(optimizer, params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            strategy.forward_backward(model, work, [work.batch] * grad_accum, precision)
+            strategy.optimizer_step(optimizer, precision, clip)
             synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    raw = getattr(model, "_orig_mod", model)
+    finally:
+        strategy.teardown()
     dt = statistics.median(times)
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum
+    tokens = cfg.batch_size * cfg.gpt.block_size * grad_accum
     tok_s = tokens / dt
-    peak = matmul_peak_flops(device, dtype)
-    flops = raw.flops_per_token() * tok_s
+    with strategy.evaluating():
+        peak = matmul_peak_flops(device, precision.dtype)
+    flops = step_flops_per_token(model, 2 * model.num_params() + 4 * cfg.gpt.n_layer * cfg.gpt.n_embd
+                                 * cfg.gpt.block_size) * tok_s
+    g_ = cfg.gpt
     return BenchResult(
-        config=f"n_layer={cfg.n_layer} n_head={cfg.n_head} n_embd={cfg.n_embd} block_size={cfg.block_size} "
-               f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} method={cfg.method} matmul={matmul} "
-               f"cpu_shards={n_shards}"
-               f"{allocator}",
-        device=str(device), dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads(),
-        params=raw.num_params(), tokens_per_step=tokens, step_seconds=dt, tokens_per_second=tok_s,
-        flops_per_second=flops, peak_flops=peak, mfu=flops / peak, peak_memory_bytes=peak_memory_bytes(device),
+        config=f"gpt.n_layer={g_.n_layer} gpt.n_head={g_.n_head} gpt.n_embd={g_.n_embd} "
+               f"gpt.block_size={g_.block_size} batch_size={cfg.batch_size} optim.grad_accum={grad_accum} "
+               f"method={cfg.method} strategy={strategy.name} ({strategy.describe()})"
+               f"{', ' + backend if backend else ''}",
+        device=str(device), dtype=precision.name, threads=torch.get_num_threads(),
+        params=model.num_params(), vocab_size=vocab_size, tokens_per_step=tokens, step_seconds=dt,
+        tokens_per_second=tok_s, flops_per_second=flops, peak_flops=peak, mfu=flops / peak,
+        peak_memory_bytes=peak_memory_bytes(device),
     )
 
 
 def format_report(r: BenchResult) -> str:
     return "\n".join([
         f"config        {r.config}",
-        f"device        {r.device} ({r.dtype}, {r.threads} threads), {r.params / 1e6:.2f}M parameters",
+        f"device        {r.device} ({r.dtype}, {r.threads} threads), {r.params / 1e6:.2f}M parameters "
+        f"(synthetic vocabulary of {r.vocab_size} tokens)",
         f"step          {r.step_seconds * 1000:.1f} ms for {r.tokens_per_step} tokens (median)",
         f"throughput    {r.tokens_per_second:,.0f} tokens/s",
         f"compute       {r.flops_per_second / 1e9:.1f} GFLOP/s of a measured {r.peak_flops / 1e9:.1f} GFLOP/s "

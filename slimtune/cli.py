@@ -86,7 +86,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from slimtune.bench import format_report, run_bench
 
-    result = run_bench(_train_config(args.config), steps=args.steps, warmup=args.warmup)
+    result = run_bench(_train_config(args.config), steps=args.steps, warmup=args.warmup, vocab_size=args.vocab_size)
     print(format_report(result))
     return 0
 
@@ -202,14 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of tokens (the last ones) for validation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from slimtune.config import TrainConfig, help_text
+    from slimtune.config import train_help_text
 
     config_help = "YAML config files and key=value overrides (section.key=value for sections)"
     p = sub.add_parser("train", help="train a model (from scratch, or fine-tune) with one of the methods",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train according to YAML files and key=value overrides, e.g.\n"
                                    "  slimtune train configs/char_gpt.yaml max_iters=500 batch_size=8",
-                       epilog="config keys:\n" + help_text(TrainConfig))
+                       epilog="config keys:\n" + train_help_text())
     p.add_argument("config", nargs="*", help=config_help)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint",
@@ -227,10 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time forward+backward+step: tokens/s, FLOP/s, MFU, peak memory",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Benchmark one training step for a model config and batch (synthetic tokens), e.g.\n"
-                                   "  slimtune bench n_layer=6 n_head=6 n_embd=384 block_size=256 batch_size=8",
+                                   "  slimtune bench gpt.n_layer=6 gpt.n_head=6 gpt.n_embd=384 gpt.block_size=256 batch_size=8",
                        epilog="config keys: the same as `slimtune train --help` (data is not needed)")
     p.add_argument("config", nargs="*", help=config_help)
     p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--vocab-size", type=int, default=65, help="size of the synthetic vocabulary (random tokens)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
 
     p = sub.add_parser("chat", help="chat interactively with a fine-tuned (or any) causal LM, streaming replies",
@@ -275,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default out/demo or out/demo-scratch)")
     p.add_argument("--model", default="smollm2-135m", help="the causal LM to fine-tune")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    p.add_argument("--method", choices=["full", "badam"], default=None, help="default: badam")
+    p.add_argument("--method", default=None, help="a registered method (full, badam, ...); default: badam")
     p.add_argument("--test-prompts", type=int, default=30, help="held-out prompts scored before and after")
     p.add_argument("--scratch", action="store_true", help="train a small GPT from scratch on Python's docstrings")
     p.add_argument("--quick", action="store_true", help="with --scratch: a much shorter run (smoke test)")

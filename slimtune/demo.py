@@ -30,6 +30,17 @@ def _method() -> str:
     return "badam"
 
 
+def _fresh(run_dir: Path) -> Path:
+    """The demo's own run folder, emptied: each demo replaces its previous run (a model-sized checkpoint) rather
+    than archiving it the way `slimtune train` treats other runs' results."""
+    import shutil
+
+    if run_dir.is_dir():
+        print(f"replacing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
 def _table(rows: list[tuple[str, str, str, str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     out = []
@@ -66,10 +77,10 @@ def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-13
     # learn the task's format and skill; measured 29/30 held-out exact matches in 140 s on a 2-core CPU.
     badam = ["badam.switch_every=25"] if method == "badam" else []
     cfg: TrainConfig = make_config(TrainConfig, overrides=[
-        *badam, f"model={model}", f"data={data}", f"out_dir={out_dir / 'run'}", f"method={method}", f"max_iters={steps}",
-        f"batch_size={batch_size}", f"lr={lr}", f"min_lr={lr / 10}", "warmup_iters=5", "max_seq_len=64",
-        "val_fraction=0", "eval_interval=0", "log_interval=5", "weight_decay=0", "resume=never", "keep_last=1",
-        *extra,
+        *badam, f"model={model}", f"data={data}", f"out_dir={_fresh(out_dir / 'run')}", f"method={method}",
+        f"max_iters={steps}", f"batch_size={batch_size}", f"lr={lr}", f"optim.min_lr={lr / 10}",
+        "optim.warmup_iters=5", "dataset.max_seq_len=64", "dataset.val_fraction=0", "eval.interval=0",
+        "log.interval=5", "optim.weight_decay=0", "resume=never", "ckpt.keep_last=1", *extra,
     ])
     t_train = time.perf_counter()
     result = train(cfg)
@@ -109,9 +120,10 @@ def run_scratch_demo(out_dir: str | Path = "out/demo-scratch", quick: bool = Fal
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.2f} MB), {meta['train_tokens']:,} training tokens, "
           f"vocabulary {meta['vocab_size']}")
     cfg: TrainConfig = make_config(TrainConfig, overrides=[
-        f"data={out_dir / 'data'}", f"out_dir={out_dir / 'run'}", "n_layer=4", "n_head=4", "n_embd=128",
-        "block_size=64", "batch_size=12", "max_iters=40" if quick else "max_iters=1500", "warmup_iters=50",
-        "lr=2e-3", "min_lr=2e-4", "eval_interval=500", "eval_iters=20", "log_interval=10", "resume=never",
+        f"data={out_dir / 'data'}", f"out_dir={_fresh(out_dir / 'run')}", "gpt.n_layer=4", "gpt.n_head=4",
+        "gpt.n_embd=128", "gpt.block_size=64", "batch_size=12", "max_iters=40" if quick else "max_iters=1500",
+        "optim.warmup_iters=50", "lr=2e-3", "optim.min_lr=2e-4", "eval.interval=500", "eval.iters=20",
+        "log.interval=10", "resume=never",
     ])
     result = train(cfg)
     text = sample(result.checkpoint, prompt="Return the ", max_new_tokens=20 if quick else 120, temperature=0.8,

@@ -94,7 +94,8 @@ def use_onednn_linear(model: nn.Module) -> int:
     Subclasses of nn.Linear (quantized, LoRA, ...) keep their own forward.
     """
     if not onednn_available():
-        raise SlimtuneError("matmul=onednn asked for, but this torch build has no oneDNN; use matmul=aten")
+        raise SlimtuneError("runtime.matmul=onednn asked for, but this torch build has no oneDNN; use "
+                            "runtime.matmul=aten")
     n = 0
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -146,13 +147,15 @@ def choose_matmul(setting: str, device: torch.device, compile: bool = False, use
     threads each product will run on (default: torch's current setting; 1 under cpu_shards). torch.compile
     (inductor) cannot lower the oneDNN linear, so a compiled model keeps aten's."""
     if setting not in MATMUL_CHOICES:
-        raise SlimtuneError(f"matmul={setting!r} is not one of {', '.join(MATMUL_CHOICES)}")
+        raise SlimtuneError(f"runtime.matmul={setting!r} is not one of {', '.join(MATMUL_CHOICES)}")
     if setting != "auto":
         if setting == "onednn" and device.type != "cpu":
-            raise SlimtuneError(f"matmul=onednn is a CPU kernel, but device is {device}; use matmul=auto or aten")
+            raise SlimtuneError(f"runtime.matmul=onednn is a CPU kernel, but device is {device}; use "
+                                f"runtime.matmul=auto or aten")
         if setting == "onednn" and compile:
-            raise SlimtuneError("matmul=onednn cannot be combined with compile=true (torch.compile cannot lower "
-                                "oneDNN's linear); use compile=false, or matmul=aten to compile")
+            raise SlimtuneError("runtime.matmul=onednn cannot be combined with runtime.compile=true (torch.compile "
+                                "cannot lower oneDNN's linear); use runtime.compile=false, or runtime.matmul=aten to "
+                                "compile")
         return setting
     if device.type != "cpu" or compile or not onednn_available():
         return "aten"

@@ -66,7 +66,7 @@ def set_cpu_allocator(mode: str) -> bool:
       time).
     """
     if mode not in CPU_ALLOCATOR_MODES:
-        raise ValueError(f"cpu_allocator={mode!r} is not one of {', '.join(CPU_ALLOCATOR_MODES)}")
+        raise ValueError(f"runtime.cpu_allocator={mode!r} is not one of {', '.join(CPU_ALLOCATOR_MODES)}")
     if mode == "system" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

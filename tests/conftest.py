@@ -10,8 +10,8 @@ import torch
 
 torch.set_num_threads(2)
 
-TINY = ["n_layer=2", "n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "eval_iters=2", "progress=false",
-        "plot=false", "warmup_iters=2"]
+TINY = ["gpt.n_layer=2", "gpt.n_head=2", "gpt.n_embd=32", "gpt.block_size=32", "batch_size=4", "eval.iters=2", "log.progress=false",
+        "log.plot=false", "optim.warmup_iters=2"]
 
 
 def pytest_configure(config):

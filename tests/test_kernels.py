@@ -103,16 +103,16 @@ def test_use_onednn_linear_swaps_plain_linears_only():
 def test_choose_matmul_settings_and_errors():
     cpu = torch.device("cpu")
     assert choose_matmul("aten", cpu) == "aten"
-    with pytest.raises(SlimtuneError, match="matmul='mkl' is not one of auto, onednn, aten"):
+    with pytest.raises(SlimtuneError, match="runtime.matmul='mkl' is not one of auto, onednn, aten"):
         choose_matmul("mkl", cpu)
-    with pytest.raises(SlimtuneError, match="matmul=onednn is a CPU kernel, but device is cuda"):
+    with pytest.raises(SlimtuneError, match="runtime.matmul=onednn is a CPU kernel, but device is cuda"):
         choose_matmul("onednn", torch.device("cuda"))
     assert choose_matmul("auto", torch.device("cuda")) == "aten"
     assert choose_matmul("auto", cpu, compile=True) == "aten"  # inductor cannot lower the oneDNN linear
-    with pytest.raises(SlimtuneError, match="matmul=onednn cannot be combined with compile=true"):
+    with pytest.raises(SlimtuneError, match="runtime.matmul=onednn cannot be combined with runtime.compile=true"):
         choose_matmul("onednn", cpu, compile=True)
-    with pytest.raises(SlimtuneError, match=r"matmul='onedn' is not one of .*Did you mean 'onednn'"):
-        make_config(TrainConfig, overrides=["matmul=onedn"])
+    with pytest.raises(SlimtuneError, match=r"runtime.matmul='onedn' is not one of .*Did you mean 'onednn'"):
+        make_config(TrainConfig, overrides=["runtime.matmul=onedn"])
 
 
 @needs_onednn

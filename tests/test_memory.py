@@ -65,7 +65,7 @@ def test_cpu_allocator_modes_change_where_large_buffers_live():
 
 
 def test_cpu_allocator_rejects_unknown_modes():
-    with pytest.raises(ValueError, match="cpu_allocator='fast' is not one of keep, system, release"):
+    with pytest.raises(ValueError, match="runtime.cpu_allocator='fast' is not one of keep, system, release"):
         set_cpu_allocator("fast")
 
 

@@ -182,13 +182,19 @@ def _check_column_map(column_map: dict | None) -> dict:
 
 
 def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """(location, record) for each object in a JSONL file (one per non-blank line) or a JSON list file."""
+    """(location, record) for each object in a JSONL file (one per non-blank line) or a JSON list file.
+
+    A file without records (empty, only blank lines, `[]`) yields nothing; the data readers make that an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise SlimtuneError(f"data file {path} does not exist")
     if path.suffix.lower() == ".json":
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM
+        if not text.strip():
+            return
         try:
-            records = json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: tolerate a BOM
+            records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SlimtuneError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
         if not isinstance(records, list):
@@ -213,6 +219,14 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
             if not isinstance(record, dict):
                 raise SlimtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
             yield where, record
+
+
+def _require_records(samples: list, path: str | Path) -> list:
+    """`samples` unchanged, or a SlimtuneError when the file held none: an empty data file is always the wrong one."""
+    if not samples:
+        raise SlimtuneError(f"{path}: the file has no records (it is empty, holds only blank lines or an empty JSON "
+                            "list); give a JSONL file with one JSON object per line, or a .json list of objects")
+    return samples
 
 
 def _field(record: dict, name: str, column_map: dict, where: str, required: bool = True, kind=str):
@@ -282,7 +296,10 @@ def read_samples(path: str | Path, column_map: dict | None = None, text_separato
             raise SlimtuneError(f"data file {path} does not exist")
         text = path.read_text(encoding="utf-8-sig")
         docs = text.split(text_separator) if text_separator else [text]
-        return [Sample(f"{path} document {i}", text=d) for i, d in enumerate(docs, start=1) if d.strip()]
+        samples = [Sample(f"{path} document {i}", text=d) for i, d in enumerate(docs, start=1) if d.strip()]
+        if not samples:
+            raise SlimtuneError(f"{path}: the file has no text (it is empty or holds only whitespace); check the path")
+        return samples
     samples, fmt = [], None
     for where, record in iter_json_records(path):
         fmt = fmt or _detect_format(record, column_map, where)
@@ -292,7 +309,7 @@ def read_samples(path: str | Path, column_map: dict | None = None, text_separato
             samples.append(_alpaca_sample(record, column_map, where))
         else:
             samples.append(Sample(where, text=_field(record, "text", column_map, where)))
-    return samples
+    return _require_records(samples, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,15 +471,15 @@ def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, templat
                           text_separator: str | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Read, format, tokenize, mask, truncate, split and (optionally) pack SFT data. Returns (train, val or None).
 
-    Validation data comes from `val_path` or from a `val_fraction` of the records of `path` (chosen by `seed`),
-    not both. `template` names a fallback chat template (or is a Jinja string); None uses the tokenizer's own.
+    Validation data comes from `val_path` when given (then all of `path` trains and `val_fraction` is ignored),
+    else from a `val_fraction` of the records of `path` (chosen by `seed`). `template` names a fallback chat
+    template (or is a Jinja string); None uses the tokenizer's own.
     """
-    if val_path is not None and val_fraction > 0:
-        raise SlimtuneError("give either val_fraction or a separate validation file (val_path), not both")
     samples = read_samples(path, column_map, text_separator)
-    train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
     if val_path is not None:
-        val_samples = read_samples(val_path, column_map, text_separator)
+        train_samples, val_samples = samples, read_samples(val_path, column_map, text_separator)
+    else:
+        train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
     train = tokenize_samples(train_samples, tokenizer, max_seq_len, template, source=str(path))
     val = None
     if val_samples:
@@ -490,7 +507,7 @@ def read_classification_samples(path: str | Path, column_map: dict | None = None
         if isinstance(label, int) and label < 0:
             raise SlimtuneError(f"{where}: label {label} is negative; integer labels are class ids 0, 1, 2, ...")
         samples.append(Sample(where, text=text, text_pair=pair, label=label))
-    return samples
+    return _require_records(samples, path)
 
 
 def label_mapping(samples: Sequence[Sample], source: str = "data") -> dict[str, int]:
@@ -533,15 +550,16 @@ def tokenize_classification(samples: Sequence[Sample], tokenizer, max_seq_len: i
 def load_classification_data(path: str | Path, tokenizer, max_seq_len: int, column_map: dict | None = None,
                              val_fraction: float = 0.0, val_path: str | Path | None = None, seed: int = 0
                              ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[str, int]]:
-    """Read and tokenize classification data. Returns (train, val or None, label2id); num_labels = len(label2id)."""
-    if val_path is not None and val_fraction > 0:
-        raise SlimtuneError("give either val_fraction or a separate validation file (val_path), not both")
+    """Read and tokenize classification data. Returns (train, val or None, label2id); num_labels = len(label2id).
+
+    Validation data comes from `val_path` when given (`val_fraction` is then ignored), else from a `val_fraction`
+    of the records of `path` (chosen by `seed`).
+    """
     samples = read_classification_samples(path, column_map)
-    if not samples:
-        raise SlimtuneError(f"{path}: the file holds no records")
-    train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
     if val_path is not None:
-        val_samples = read_classification_samples(val_path, column_map)
+        train_samples, val_samples = samples, read_classification_samples(val_path, column_map)
+    else:
+        train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
     # The mapping comes from the whole training file, so a label seen only in the split-off records still has an id.
     label2id = label_mapping(samples, str(path))
     train = tokenize_classification(train_samples, tokenizer, max_seq_len, label2id, str(path))

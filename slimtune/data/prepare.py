@@ -11,6 +11,7 @@ import codecs
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,13 @@ from slimtune.errors import SlimtuneError
 
 CHUNK_BYTES = 4 << 20  # 4 MiB of text per read
 PROGRESS_MIN_BYTES = 16 << 20  # show a progress bar for inputs larger than this
+
+MIN_WINDOW_TOKENS = 2
+"""Tokens in the shortest training window: one input token and its next-token target."""
+
+SMALL_SPLIT_TOKENS = 65
+"""A split with fewer tokens fits no window of 64 tokens (block_size + 1 are read per window): too short a
+context to learn anything, so `prepare` warns about it."""
 
 
 def _line_of(path: Path, offset: int) -> int:
@@ -90,11 +98,29 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def small_split_warnings(n_train: int, n_val: int, val_fraction: float) -> list[str]:
+    """What is wrong with splits of `n_train` / `n_val` tokens too small to train or validate on (empty if none)."""
+    problems = []
+    for split, n, remedy in (("train", n_train, f"a smaller val_fraction (now {val_fraction})"),
+                             ("val", n_val, f"a larger val_fraction (now {val_fraction})")):
+        if n >= SMALL_SPLIT_TOKENS:
+            continue
+        if n < MIN_WINDOW_TOKENS:
+            what = (f"fewer than the {MIN_WINDOW_TOKENS} of the shortest window (a token and its target), so "
+                    f"{'training' if split == 'train' else 'validation'} on it fails")
+        else:
+            what = f"enough only for windows of block_size <= {n - 1}"
+        problems.append(f"the {split} split has only {n} token{'s' * (n != 1)}: {what}; use a larger corpus or "
+                        f"{remedy}")
+    return problems
+
+
 def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "char", val_fraction: float = 0.1,
             progress: bool = True) -> dict:
     """Tokenize `inputs` into `out_dir`/{train.bin, val.bin, meta.json}; returns the meta dict.
 
-    tokenizer: "char" (vocabulary built from the corpus) or the path of a Hugging Face tokenizer folder.
+    tokenizer: "char" (vocabulary built from the corpus) or the path of a Hugging Face tokenizer folder. A split
+    too small to train or validate on (`small_split_warnings`) is still written, with a `warning:` line on stderr.
     """
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -154,6 +180,8 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "cha
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for warning in small_split_warnings(n_train, n_val, val_fraction):
+        print(f"warning: {out_dir}: {warning}", file=sys.stderr)
     return meta
 
 

@@ -1,8 +1,10 @@
 """Random token windows from a `slimtune prepare` memmap, with a seeded generator that resumes exactly.
 
-Each batch draws `batch_size` start offsets uniformly; inputs are tokens [i, i+T) and targets [i+1, i+T+1).
-The generator is numpy's PCG64 seeded by (seed, rank): every DDP rank draws a different stream, and its state is
-a small dict saved in checkpoints, so a resumed run continues with exactly the batches it would have seen.
+Each global batch draws `batch_size x world_size` start offsets uniformly; inputs are tokens [i, i+T) and targets
+[i+1, i+T+1). Every DDP rank runs the same generator (numpy's PCG64 seeded by (seed, 0)) and takes its own
+contiguous `batch_size` rows of each global batch, so N processes see exactly the rows one process with
+batch_size N x B would see. The generator state is a small dict saved in checkpoints, so a resumed run continues
+with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from slimtune.errors import SlimtuneError
 
 class TokenWindows:
     def __init__(self, path: str | Path, dtype: str, block_size: int, batch_size: int, seed: int, rank: int = 0,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", world_size: int = 1):
         self.path = Path(path)
         if not self.path.is_file():
             raise SlimtuneError(f"token file {self.path} is missing; re-run `slimtune prepare` for this folder")
@@ -25,13 +27,14 @@ class TokenWindows:
         self.n_tokens = self.path.stat().st_size // self.dtype.itemsize
         if self.n_tokens < block_size + 1:
             raise SlimtuneError(
-                f"{self.path} holds {self.n_tokens} tokens, fewer than block_size+1 = {block_size + 1} needed for "
-                f"one training window; use a smaller block_size or more text"
+                f"{self.path} holds {self.n_tokens} tokens, fewer than gpt.block_size+1 = {block_size + 1} needed "
+                f"for one training window; use a smaller gpt.block_size or more text"
             )
         self.block_size = block_size
         self.batch_size = batch_size
         self.device = torch.device(device)
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.rank, self.world_size = rank, world_size
+        self.rng = np.random.Generator(np.random.PCG64([seed, 0]))
         self._offsets = np.arange(block_size + 1, dtype=np.int64)  # (T+1,)
         # Opened once and read with one gather per batch. The pages touched are file-backed, so the OS can drop
         # them under pressure; they are not private memory of the training process.
@@ -39,7 +42,8 @@ class TokenWindows:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), each (batch_size, block_size) int64 on the target device."""
-        starts = self.rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size)  # (B,)
+        starts = self.rng.integers(0, self.n_tokens - self.block_size, size=self.batch_size * self.world_size)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]  # (B,) this rank's rows
         rows = torch.from_numpy(self._data[starts[:, None] + self._offsets].astype(np.int64))  # (B, T+1)
         x, y = rows[:, :-1], rows[:, 1:]
         if self.device.type == "cuda":

@@ -228,7 +228,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise SlimtuneError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}.")
         if ds_zero3_enabled:
-            raise SlimtuneError("ds_zero3_enabled=True is not supported by slimtune.BlockOptimizer; use strategy=fsdp.")
+            raise SlimtuneError("ds_zero3_enabled=True is not supported by slimtune.BlockOptimizer yet: train BAdam in "
+                                "one process (strategy=single).")
         _check_positive_int("switch_block_every", switch_block_every)
         _check_choice("switch_mode", switch_mode, SWITCH_MODES)
         _check_choice("granularity", granularity, GRANULARITIES)
@@ -899,3 +900,99 @@ class BlockOptimizerRatio(torch.optim.Optimizer):
         self.step_in_block = int(state_dict["step_in_block"])
         self.global_step = int(state_dict["global_step"])
         self._start_block(saved=state_dict["state"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# method=badam: the plug-in the training loop uses
+# ----------------------------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from slimtune.config import check_choice as _check_key_choice  # noqa: E402
+from slimtune.methods.base import Method, OptimizerContext, adamw, decay_groups  # noqa: E402
+from slimtune.registry import METHODS  # noqa: E402
+
+
+@dataclass
+class BadamConfig:
+    """Block coordinate descent with Adam (method=badam)."""
+
+    switch_every: Optional[int] = None
+    """Optimizer steps on one block before switching to the next. Empty: the paper's rule
+    min(max(n / (B * D), 50), 100) for n training examples, effective batch B and D blocks."""
+    switch_mode: str = "random"
+    """Block order: random (reshuffled every pass), ascending, descending or fixed."""
+    granularity: str = "layer"
+    """What one block is: layer (a transformer block), attn_mlp (attention and MLP separately) or matrix."""
+    include_embedding: bool = False
+    """Make the token embedding its own block."""
+    include_lm_head: bool = False
+    """Make the output head its own block (ignored when it is tied to the embedding)."""
+    active_modules: list = field(default_factory=list)
+    """Parameter-name prefixes that are trained at every step (e.g. a new classification head)."""
+
+    def __post_init__(self):
+        _check_key_choice("badam.switch_mode", self.switch_mode, SWITCH_MODES)
+        _check_key_choice("badam.granularity", self.granularity, GRANULARITIES)
+        if self.switch_every is not None and self.switch_every < 1:
+            raise SlimtuneError(f"badam.switch_every must be >= 1, got {self.switch_every}")
+
+
+@METHODS.register("badam")
+class BAdam(Method):
+    """One block of parameters trains at a time; the rest is frozen and has no gradients or optimizer state."""
+
+    config_cls = BadamConfig
+    fixed_trainable_set = False  # the active block changes at every switch
+    grads_in_param_grad = False  # low-precision weights accumulate into fp32 buffers through hooks
+
+    def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> BlockOptimizer:
+        o, b = self.cfg.optim, self.options
+        base = adamw(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg.lr, (o.beta1, o.beta2),
+                     ctx.device)
+        named = list(model.named_parameters())
+        prefixes = auto_block_prefixes(named, granularity=b.granularity, include_embedding=b.include_embedding,
+                                       include_lm_head=b.include_lm_head)
+        switch_every = b.switch_every
+        if switch_every is None:
+            # The paper's rule balances the data seen by each block within an epoch.
+            switch_every = default_switch_every(ctx.n_train_examples, ctx.sequences_per_step, len(prefixes))
+        self._announced = None
+        return BlockOptimizer(base_optimizer=base, named_parameters_list=named, block_prefix_list=prefixes,
+                              switch_block_every=switch_every, switch_mode=b.switch_mode,
+                              active_modules=list(b.active_modules), seed=self.cfg.seed, verbose=0)
+
+    def clip_grad_norm_(self, model, optimizer: BlockOptimizer, max_norm: float) -> torch.Tensor:
+        return optimizer.clip_grad_norm_(max_norm)  # bf16 weights keep their gradients in fp32 buffers
+
+    def on_start(self, step: int, optimizer: BlockOptimizer) -> list[dict]:
+        return self.after_step(step, optimizer)
+
+    def after_step(self, step: int, optimizer: BlockOptimizer) -> list[dict]:
+        block = optimizer.active_block_name
+        if block == self._announced:
+            return []
+        self._announced = block
+        expected = optimizer.analytic_state_bytes()  # moments + fp32 grads (+ masters for low-precision weights)
+        from slimtune.memory import format_bytes
+
+        return [{"kind": "switch", "step": step, "block": block, "analytic_state_bytes": expected,
+                 "message": f"step {step}: BAdam trains block {block} ({optimizer.active_numel() / 1e6:.2f}M "
+                            f"parameters, optimizer state {format_bytes(expected)})"}]
+
+    def step_metrics(self, optimizer: BlockOptimizer) -> dict:
+        return {"optimizer_state_bytes": optimizer.optimizer_state_bytes(), "block": optimizer.active_block_name}
+
+    def describe(self, model, optimizer: BlockOptimizer) -> str:
+        return (f"method badam: {optimizer.n_blocks} blocks, switching every {optimizer.switch_block_every} steps "
+                f"({optimizer.switch_mode})")
+
+    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
+        # One of D blocks trains: its fp32 gradients and moments (12 bytes) plus, for low-precision weights, an
+        # fp32 master copy (4 more): W + 12N/D for fp32 weights, W + 16N/D for bf16/fp16 (the BAdam paper's 2M + 16M/D).
+        n_blocks = max(1, self.cfg.gpt.n_layer if self.cfg.is_gpt else 1)
+        active = n_params // n_blocks
+        master = 4 * active if weight_bytes_per_param < 4 else 0
+        return {"weights": int(n_params * weight_bytes_per_param) + master, "gradients": 4 * active,
+                "optimizer": 8 * active}

@@ -1,15 +1,17 @@
-"""Full fine-tuning / pre-training: AdamW on every trainable parameter."""
+"""Full fine-tuning / pre-training: AdamW on every parameter (the Method base class is exactly that)."""
 
 from __future__ import annotations
 
-import torch
+from slimtune.methods.base import Method, adamw  # noqa: F401  (adamw: kept importable from here)
+from slimtune.registry import METHODS
 
 
-def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
-    """AdamW with the fastest implementation this device has.
+@METHODS.register("full")
+class Full(Method):
+    """AdamW on every parameter: 16 bytes per fp32 parameter (weights, gradients, two moments)."""
 
-    The fused kernel (one pass over all tensors) exists on CUDA, MPS and CPU in recent torch; it updates the
-    parameters with the same arithmetic as the default, so results stay reproducible run to run.
-    """
-    fused = device.type in ("cuda", "cpu", "mps")
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
+        # Weights train in their storage dtype; gradients and AdamW's two moments take the same dtype
+        # (fp32: 4 + 4 + 8 = 16 bytes per parameter).
+        w = int(n_params * weight_bytes_per_param)
+        return {"weights": w, "gradients": w, "optimizer": 2 * w}

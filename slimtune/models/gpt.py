@@ -131,10 +131,11 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """idx, targets: (B, T) token ids. Returns (logits, loss).
 
-        With targets, logits are (B, T, vocab) and loss is the mean cross-entropy. Without, only the last
+        With targets, logits are (B, T, vocab) and loss is the cross-entropy over targets != -100, averaged
+        (reduction="mean") or summed (reduction="sum"). Without, only the last
         position's logits are computed, (B, 1, vocab): all that generation needs.
         """
         B, T = idx.size()
@@ -148,7 +149,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)  # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                               reduction=reduction)
         return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:

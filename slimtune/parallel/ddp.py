@@ -2,78 +2,80 @@
 
 `torchrun --nproc_per_node=N -m slimtune train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join the process group
 (NCCL on CUDA, gloo elsewhere) and let DDP average gradients. slimtune adds no distributed engine of its own.
+Every rank draws its own share of each global batch; the loss of a step is normalised by the target tokens of the
+whole global batch (counted on every rank and summed before backward), so N processes on batch_size B give the
+same gradients as one process on N x B.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+
+from slimtune.errors import SlimtuneError
+from slimtune.parallel.base import Strategy
+from slimtune.registry import STRATEGIES
 
 
-@dataclass
-class DistEnv:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
+@STRATEGIES.register("ddp")
+class DDP(Strategy):
+    """One full replica per process; gradients all-reduced by torch.nn.parallel.DistributedDataParallel."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    def setup(self, device: torch.device) -> torch.device:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise SlimtuneError("strategy=ddp needs torchrun: torchrun --nproc_per_node=N -m slimtune train ...")
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        self._device = device
+        return device
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
+    def check(self, method, model: nn.Module) -> None:
+        if not method.fixed_trainable_set:
+            raise SlimtuneError(
+                f"method={method.name} cannot run under strategy=ddp: DDP fixes the set of parameters with gradients "
+                f"when it wraps the model, and {method.name} changes it during training. Train it in one process "
+                f"(strategy=single), or use a sharded strategy once it is available")
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        ids = [self.local_rank] if self._device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
-def init_from_env(device_type: str) -> DistEnv:
-    """Join the process group if launched by torchrun (WORLD_SIZE > 1); a no-op for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistEnv()
-    env = DistEnv(rank=int(os.environ["RANK"]), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
-    if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
-    return env
+    def _no_sync(self, model: nn.Module, last: bool):
+        # Only the last micro-batch of a step all-reduces gradients.
+        return model.no_sync() if not last else super()._no_sync(model, last)
 
+    def teardown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-def shutdown(env: DistEnv) -> None:
-    if env.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
 
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self._device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
-def all_reduce_mean(value: float, env: DistEnv, device: torch.device) -> float:
-    """Mean of a Python float over all ranks (identity for one process)."""
-    if not env.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / env.world_size
+    def gather(self, obj) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
-
-def any_rank(flag: bool, env: DistEnv, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (used to stop all ranks together on a signal)."""
-    if not env.enabled:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def gather_objects(obj, env: DistEnv) -> list:
-    """Every rank's `obj`, in rank order (only meaningful on rank 0; others get the same list)."""
-    if not env.enabled:
-        return [obj]
-    out = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(env: DistEnv) -> None:
-    if env.enabled:
+    def barrier(self) -> None:
         dist.barrier()
+
+    def estimate_memory(self, parts: dict[str, int]) -> dict[str, int]:
+        # A full replica per rank, plus DDP's gradient buckets (about one more copy of the gradients).
+        out = dict(parts)
+        out["gradients"] = 2 * parts.get("gradients", 0)
+        return out

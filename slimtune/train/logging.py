@@ -6,6 +6,10 @@ import json
 import os
 from pathlib import Path
 
+from tqdm import tqdm
+
+from slimtune.memory import format_bytes
+
 
 class MetricsLog:
     """Append-only JSONL metrics, flushed per line so a crash loses nothing already logged."""
@@ -32,6 +36,32 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line]
+
+
+class Progress:
+    """The progress bar of a run: loss, speed (tokens/s, or seconds per step when steps are slow), MFU, peak memory.
+    Other output goes through `tqdm.write`, which prints above the bar."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled)
+        self._tok_s = None
+
+    def update(self, loss: float, seconds: float, tokens: int, mfu: float | None, peak_bytes: int,
+               uncertain: bool = False) -> None:
+        self.bar.update(1)
+        if self.bar.disable:
+            return
+        rate = tokens / seconds
+        self._tok_s = rate if self._tok_s is None else 0.9 * self._tok_s + 0.1 * rate
+        # Fine-tunes of real models run a step in seconds: "3 tok/s"-style numbers would mislead, so slow steps
+        # show seconds per step (the tokens/s stay in metrics.jsonl).
+        speed = f"{seconds:.2f} s/step" if seconds >= 1.0 else f"{self._tok_s:,.0f} tok/s"
+        util = "MFU ? (peak uncertain)" if uncertain else "" if mfu is None else f"MFU {mfu:.0%}"
+        parts = [f"loss {loss:.4f}", speed, util, f"peak {format_bytes(peak_bytes)}"]
+        self.bar.set_postfix_str(" | ".join(p for p in parts if p), refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def plot_losses(records: list[dict], out_path: str | Path) -> Path | None:

@@ -1,34 +1,40 @@
 """The one training loop: setup → fit → evaluate → save.
 
-Methods (full, badam, ...) only decide what is trainable and how it is stepped (`build_optimizer`); strategies
-(one process, DDP) only decide where tensors live. The loop itself never asks which one is running.
+What is trainable and how it is stepped is the method's business (`slimtune.methods`); where tensors live and how
+gradients meet is the strategy's (`slimtune.parallel`); what the data and the loss are is the workload's
+(`slimtune.train.workloads`); how the model is loaded is `slimtune.models.build`'s, with the method's options; device
+speed-ups are `slimtune.backends`'. This file only calls their interfaces, in the order described in
+docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from slimtune.backends import cpu as cpu_backend
 from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.hardware import autocast, matmul_peak_flops, pick_device, resolve_precision
-from slimtune.kernels import choose_matmul, use_onednn_linear
-from slimtune.memory import format_bytes, peak_memory_bytes, set_cpu_allocator
-from slimtune.parallel import ddp
+from slimtune.hardware import known_matmul_peak, pick_device, resolve_precision
+from slimtune.memory import format_bytes, peak_memory_bytes
+from slimtune.methods.base import OptimizerContext
+from slimtune.models.build import build_model
+from slimtune.parallel import finish_auto_choice, start_strategy
+from slimtune.registry import METHODS
 from slimtune.train import checkpoint as ckpt_io
-from slimtune.train.logging import MetricsLog, plot_losses
+from slimtune.train.flops import step_flops_per_token
+from slimtune.train.logging import MetricsLog, Progress, plot_losses
+from slimtune.train.precision import Precision
 from slimtune.train.schedule import cosine_with_warmup
-from slimtune.train.shards import ShardedBackward, cpu_shards_for
-from slimtune.train.workloads import Workload, build_workload, decay_groups
+from slimtune.train.workloads import build_workload
 
 
 @dataclass
@@ -40,6 +46,40 @@ class TrainResult:
     val_loss: float | None
     stopped_by_signal: bool
     peak_memory_bytes: int
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds; `fit` advances `step`."""
+
+    cfg: TrainConfig
+    out_dir: Path
+    strategy: Any
+    method: Any
+    workload: Any
+    model: torch.nn.Module  # the raw module: weights, checkpoints, evaluation
+    forward_model: torch.nn.Module  # what the training forward runs through (e.g. DDP around `model`)
+    model_config: dict
+    optimizer: torch.optim.Optimizer
+    precision: Precision
+    metrics: MetricsLog
+    peak_flops: float | None
+    step: int = 0
+    tokens_seen: int = 0
+    saved_step: int = -1
+    flops_per_token: float = 0.0
+    log_line: list[str] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.strategy.is_main
+
+    def say(self, text: str) -> None:
+        if self.is_main:
+            tqdm.write(text)
+
+    def decay_iters(self) -> int:
+        return self.cfg.optim.lr_decay_iters or self.cfg.max_iters
 
 
 class _StopRequest:
@@ -67,53 +107,136 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, n_train_examples: int,
-                    verbose: bool = True) -> torch.optim.Optimizer:
-    """The method's optimizer: AdamW for `full`, a BlockOptimizer around AdamW for `badam`."""
-    from slimtune.methods.full import adamw
-
-    groups = decay_groups(model, cfg.weight_decay, cfg.decay_embeddings)
-    base = adamw(groups, cfg.lr, (cfg.beta1, cfg.beta2), device)
-    if cfg.method == "full":
-        return base
-    from slimtune.methods.badam import BlockOptimizer, auto_block_prefixes, default_switch_every
-
-    named = list(model.named_parameters())
-    prefixes = auto_block_prefixes(named, granularity=cfg.badam.granularity,
-                                   include_embedding=cfg.badam.include_embedding,
-                                   include_lm_head=cfg.badam.include_lm_head)
-    switch_every = cfg.badam.switch_every
-    if switch_every is None:
-        # The paper's rule balances the data seen by each block within an epoch.
-        switch_every = default_switch_every(n_train_examples, cfg.batch_size * cfg.grad_accum, len(prefixes))
-    return BlockOptimizer(base_optimizer=base, named_parameters_list=named, block_prefix_list=prefixes,
-                          switch_block_every=switch_every, switch_mode=cfg.badam.switch_mode,
-                          active_modules=list(cfg.badam.active_modules), seed=cfg.seed, verbose=1 if verbose else 0)
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train according to `cfg`; returns where it ended. Resumes from `out_dir` per `cfg.resume`."""
+    run = setup(cfg)
+    try:
+        return fit(run)
+    finally:
+        run.strategy.teardown()
 
 
-def clip_gradients(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm. A method that keeps gradients elsewhere (BAdam's fp32 buffers for bf16
-    weights) provides its own `clip_grad_norm_`; otherwise the parameters' `.grad` are clipped."""
-    own = getattr(optimizer, "clip_grad_norm_", None)
-    if own is not None:
-        return own(max_norm)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+# ---------------------------------------------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_same_architecture(saved: dict, current: dict, ckpt: Path) -> None:
-    diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+def setup(cfg: TrainConfig) -> Run:
+    """Processes, model, method, optimizer, and the state of a resumed run; nothing trains yet."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    out_dir = check_out_dir(Path(cfg.out_dir))
+    strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
+    device = strategy.device
+    precision = Precision(device, resolve_precision(cfg.runtime.precision, device))
+    method = METHODS.get(cfg.method)(cfg)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    workload = build_workload(cfg, strategy.rank, strategy.world_size, device)
+    built = build_model(cfg, workload.model_spec(), method.load_options())
+    model = method.prepare(built.model.to(device))
+    strategy = finish_auto_choice(strategy, cfg, method, model)
+    strategy.check(method, model)
+    backend = cpu_backend.apply(model, cfg.runtime, device, strategy.compute_threads)
+    if cfg.runtime.compile:
+        workload.compile(model)
+    ctx = OptimizerContext(device, workload.n_train_examples,
+                           cfg.batch_size * cfg.optim.grad_accum * strategy.world_size, cfg.seed, strategy.is_main)
+    optimizer = method.build_optimizer(model, ctx)
+    torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank
+
+    run = Run(cfg, out_dir, strategy, method, workload, model, model, built.config, optimizer, precision,
+              MetricsLog(out_dir / "metrics.jsonl"), known_matmul_peak(device, precision.dtype))
+    start_or_resume(run)
+    run.forward_model = strategy.wrap(model)
+    run.flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))
+    run.say(f"model: {built.description}; {workload.describe()} | {method.describe(model, optimizer)} | "
+            f"strategy {strategy.name}: {strategy.describe()} | device {device} {precision.name}"
+            f"{' | ' + backend if backend else ''} | "
+            f"{cfg.batch_size * cfg.optim.grad_accum * strategy.world_size} sequences/step")
+    return run
+
+
+def check_out_dir(out_dir: Path) -> Path:
+    """out_dir must be a folder this process can write, checked before any work."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SlimtuneError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise SlimtuneError(f"out_dir={out_dir} cannot be written ({exc.strerror}); choose another out_dir") from None
+    return out_dir
+
+
+def start_or_resume(run: Run) -> None:
+    """Resume from the checkpoint `cfg.resume` names, or start fresh (archiving another run's results)."""
+    cfg, strategy = run.cfg, run.strategy
+    if strategy.is_main:
+        for path in ckpt_io.clean_stale_temp_dirs(run.out_dir):
+            run.say(f"removed {path.name}, a checkpoint left half-written by a process that no longer runs")
+    strategy.barrier()
+    ckpt = ckpt_io.resolve_resume(cfg.resume, run.out_dir, warn=run.say)
+    if ckpt is None:
+        if strategy.is_main:
+            archived = ckpt_io.archive_previous_run(run.out_dir)
+            if archived is not None:
+                run.say(f"out_dir held another run's results: moved them to {archived}")
+            (run.out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+            run.say(f"config: {run.out_dir / 'config.yaml'}")
+        strategy.barrier()
+        return
+    saved = ckpt_io.read_model_config(ckpt)
+    diff = {k: (saved.get(k), run.model_config.get(k)) for k in set(saved) | set(run.model_config)
+            if saved.get(k) != run.model_config.get(k)}
     if diff:
         details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise SlimtuneError(
-            f"checkpoint {ckpt} was trained with a different model config ({details}). Use the checkpoint's "
-            f"settings, or resume=never / another out_dir to start a new run."
-        )
+        raise SlimtuneError(f"checkpoint {ckpt} was trained with a different model ({details}). Use the "
+                            f"checkpoint's settings, or resume=never / another out_dir to start a new run.")
+    run.method.load_weights(run.model, ckpt)
+    try:
+        run.optimizer.load_state_dict(ckpt_io.load_state(ckpt, "optimizer.pt"))
+    except (ValueError, KeyError, RuntimeError, SlimtuneError) as exc:
+        raise SlimtuneError(f"{ckpt}/optimizer.pt does not fit this run's optimizer (method={cfg.method}): {exc}. "
+                            f"Resume with the method the checkpoint was trained with, or start fresh with "
+                            f"resume=never.") from None
+    state = ckpt_io.load_state(ckpt, "trainer.pt")
+    run.step, run.tokens_seen = state["step"], state["tokens"]
+    ranks = state["ranks"]
+    if len(ranks) != strategy.world_size:
+        run.say(f"warning: checkpoint written by {len(ranks)} processes, resuming with {strategy.world_size}; data "
+                f"order will differ from an uninterrupted run")
+    if strategy.rank < len(ranks):
+        _set_rng_state(ranks[strategy.rank]["rng"], strategy.device)
+        run.workload.load_state_dict(ranks[strategy.rank]["data"])
+    run.precision.load_state_dict(state.get("precision", {}))
+    run.method.load_state_dict(state.get("method", {}))
+    saved_decay = state.get("schedule", {}).get("decay_iters")
+    if saved_decay is not None and saved_decay != run.decay_iters() and cfg.optim.decay_lr:
+        run.say(f"warning: the checkpoint's cosine schedule decays over {saved_decay} steps, this run's over "
+                f"{run.decay_iters()} (max_iters / optim.lr_decay_iters changed): the learning rate from step "
+                f"{run.step} on follows the new length. Set optim.lr_decay_iters={saved_decay} to keep the old one.")
+    run.saved_step = run.step
+    if strategy.is_main:
+        run.metrics.truncate_after(run.step)
+        (run.out_dir / "config.yaml").write_text(_yaml(to_dict(cfg)))
+    run.say(f"resumed from {ckpt} at step {run.step}")
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -121,250 +244,156 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    elif device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> TrainResult:
+    """Steps until max_iters (or a stop signal); evaluates and saves on schedule; saves at the end."""
+    cfg, strategy, method = run.cfg, run.strategy, run.method
+    progress = Progress(cfg.max_iters, run.step, enabled=cfg.log.progress and run.is_main)
+    _log_events(run, method.on_start(run.step, run.optimizer))
+    last_loss = val_loss = checkpoint = None
+    stopped = False
+    run.forward_model.train()
+    with _StopRequest() as stop:
+        while run.step < cfg.max_iters:
+            last_loss, dt, step_tokens, grad_norm, lr = train_step(run)
+            if not math.isfinite(last_loss):  # before any evaluation or save: a NaN model is never checkpointed
+                raise SlimtuneError(f"loss became {last_loss} at step {run.step}; no checkpoint was written for it. "
+                                    f"Lower lr or enable optim.grad_clip, then resume from the last checkpoint")
+            events = method.after_step(run.step, run.optimizer)
+            if events:
+                run.flops_per_token = step_flops_per_token(run.model, run.workload.forward_flops_per_token(run.model))
+            if run.is_main:
+                _log_step(run, progress, last_loss, dt, step_tokens, grad_norm, lr)
+            _log_events(run, events)
+
+            saved_now = False
+            if cfg.eval.interval and (run.step % cfg.eval.interval == 0 or run.step == cfg.max_iters):
+                losses = evaluate(run)
+                val_loss = losses.get("val", val_loss)
+                run.say(f"step {run.step}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()))
+                if run.is_main:
+                    run.metrics.write({"kind": "eval", "step": run.step, **{f"{k}_loss": v for k, v in losses.items()}})
+                checkpoint, saved_now = save(run), True
+            elif cfg.ckpt.interval and run.step % cfg.ckpt.interval == 0:
+                checkpoint, saved_now = save(run), True
+            if saved_now and os.environ.get("SLIMTUNE_FAULT_KILL_AT_STEP") == str(run.step):
+                # Fault injection for the crash-recovery tests: die like an OOM-killed or preempted job would.
+                os.kill(os.getpid(), signal.SIGKILL)
+            if strategy.any(stop.requested):
+                checkpoint = checkpoint if saved_now else save(run)
+                stopped = True
+                run.say(f"stopped by signal at step {run.step}; checkpoint saved to {checkpoint}. "
+                        f"Run the same command again (resume=auto) to continue.")
+                break
+    progress.close()
+    if run.saved_step != run.step:  # decided identically on every rank: saving is collective
+        checkpoint = save(run)
+    peak = peak_memory_bytes(strategy.device)
+    if run.is_main:
+        if cfg.log.plot:
+            plot_losses(run.metrics.read(), run.out_dir / "loss.png")
+        run.say(f"done: step {run.step}, checkpoint {checkpoint}, peak memory {format_bytes(peak)}")
+    return TrainResult(run.out_dir, run.step, checkpoint, last_loss, val_loss, stopped, peak)
+
+
+def train_step(run: Run) -> tuple[float, float, int, float | None, float]:
+    """One optimizer step. Returns (mean loss per target over all ranks, seconds, tokens, grad norm, lr)."""
+    cfg = run.cfg
+    o = cfg.optim
+    lr = cosine_with_warmup(run.step, cfg.lr, o.min_lr, o.warmup_iters, run.decay_iters()) if o.decay_lr else cfg.lr
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    t0 = time.perf_counter()
+    batches = [run.workload.next_batch() for _ in range(o.grad_accum)]
+    loss_sum, n_targets = run.strategy.forward_backward(run.forward_model, run.workload, batches, run.precision)
+    clip = (lambda: run.method.clip_grad_norm_(run.model, run.optimizer, o.grad_clip)) if o.grad_clip > 0 else None
+    grad_norm = run.strategy.optimizer_step(run.optimizer, run.precision, clip)
+    run.step += 1
+    dt = time.perf_counter() - t0
+    total, targets, tokens = run.strategy.all_sum([loss_sum.item(), float(n_targets),
+                                                   float(sum(run.workload.batch_tokens(b) for b in batches))])
+    run.tokens_seen += int(tokens)
+    return total / max(targets, 1.0), dt, int(tokens), None if grad_norm is None else float(grad_norm), lr
+
+
+def _log_step(run: Run, progress: Progress, loss: float, dt: float, tokens: int, grad_norm, lr: float) -> None:
+    flops = run.flops_per_token * tokens / dt / run.strategy.world_size  # per device
+    mfu = flops / run.peak_flops if run.peak_flops else None
+    peak_uncertain = mfu is not None and mfu > 1.0
+    if peak_uncertain:
+        mfu = None  # a utilisation above 100 % means the measured peak is too low, not that we beat it
+    peak = peak_memory_bytes(run.strategy.device)
+    progress.update(loss, dt, tokens, mfu, peak, uncertain=peak_uncertain)
+    cfg = run.cfg
+    if cfg.log.interval and (run.step % cfg.log.interval == 0 or run.step == cfg.max_iters):
+        record = {"kind": "train", "step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": run.tokens_seen, "tok_per_s": tokens / dt, "flops_per_s": flops, "mfu": mfu,
+                  "peak_mem_bytes": peak, "dt_s": dt, "time": time.time(), **run.method.step_metrics(run.optimizer)}
+        if peak_uncertain:
+            record["peak_flops_uncertain"] = True
+        run.metrics.write(record)
+
+
+def _log_events(run: Run, events: list[dict]) -> None:
+    for event in events:
+        record = {k: v for k, v in event.items() if k != "message"}
+        if run.is_main:
+            run.metrics.write(record)
+        if "message" in event:
+            run.say(event["message"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate and save
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def estimate_loss(model, workload: Workload, eval_iters: int, amp, env, device) -> dict[str, float]:
-    """Mean loss over up to `eval_iters` batches per split (the same batches at every evaluation, so successive
-    numbers are comparable; evaluation never disturbs the training data stream). Splits without data are left out."""
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss per target over up to eval.iters batches per split and rank (the same batches at every evaluation,
+    so successive numbers are comparable). Sums and counts are added over ranks before dividing, so a rank with
+    fewer (or no) batches weighs exactly what its targets weigh. Splits without data are left out."""
+    model, workload = run.model, run.workload
     was_training = model.training
     model.eval()
     out = {}
-    for split in ("train", "val"):
-        total, count = 0.0, 0
-        for batch in workload.eval_batches(split, eval_iters):
-            with amp:
-                total += workload.loss(model, batch).item()
-            count += 1
-        if ddp.all_reduce_mean(float(count), env, device) > 0:
-            out[split] = ddp.all_reduce_mean(total / max(count, 1), env, device)
+    with run.strategy.evaluating():
+        for split in ("train", "val"):
+            total, count = 0.0, 0
+            for batch in workload.eval_batches(split, run.cfg.eval.iters):
+                with run.precision.autocast():
+                    total += workload.loss_sum(model, batch).item()
+                count += workload.count_targets(batch)
+            total, count = run.strategy.all_sum([total, float(count)])
+            if count > 0:
+                out[split] = total / count
     model.train(was_training)
     return out
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train according to `cfg`; returns where it ended. Resumes from `out_dir` per `cfg.resume`."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    if device.type == "cpu":
-        set_cpu_allocator(cfg.cpu_allocator)
-    env = ddp.init_from_env(device.type)
-    if env.enabled and device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-    try:
-        return _train(cfg, device, env)
-    finally:
-        ddp.shutdown(env)
+def save(run: Run) -> Path | None:
+    """A checkpoint of the current step (collective: every rank calls it)."""
+    run.saved_step = run.step
+    ranks = run.strategy.gather({"rng": _rng_state(run.strategy.device), "data": run.workload.state_dict()})
+    trainer_state = {"step": run.step, "world_size": run.strategy.world_size, "ranks": ranks,
+                     "tokens": run.tokens_seen, "strategy": run.strategy.name,
+                     "precision": run.precision.state_dict(), "method": run.method.state_dict(),
+                     "schedule": {"decay_iters": run.decay_iters(), "warmup_iters": run.cfg.optim.warmup_iters}}
 
+    def write_files(folder: Path) -> None:
+        run.method.save_weights(run.model, folder)
+        run.workload.save_files(folder, run.model)
 
-def _train(cfg: TrainConfig, device: torch.device, env: ddp.DistEnv) -> TrainResult:
-    out_dir = Path(cfg.out_dir)
-    compute_dtype = resolve_precision(cfg.precision, device)
-    amp = autocast(device, compute_dtype)
-    # Measured before seeding: the measurement must not depend on, or change, the training RNG.
-    peak_flops = matmul_peak_flops(device, compute_dtype) if env.is_main else float("nan")
+    def write() -> Path:
+        return ckpt_io.save_checkpoint(run.out_dir, run.step, write_files, run.optimizer.state_dict(), trainer_state,
+                                       to_dict(run.cfg), run.model_config, keep_last=run.cfg.ckpt.keep_last)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    workload = build_workload(cfg, env.rank, env.world_size, device)
-    model = workload.model.to(device)
-    n_shards = cpu_shards_for(cfg, device, model, distributed=env.enabled, can_split_rows=workload.can_split_rows)
-    matmul = choose_matmul(cfg.matmul, device, compile=cfg.compile, threads=1 if n_shards > 1 else None)
-    if matmul == "onednn":
-        use_onednn_linear(model)
-    optimizer = build_optimizer(model, cfg, device, workload.n_train_examples, verbose=env.is_main)
-    torch.manual_seed(cfg.seed + env.rank)  # dropout masks differ per rank
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
-
-    # ---- resume ---------------------------------------------------------------------------------------------
-    step = 0
-    resume_from = ckpt_io.resolve_resume(cfg.resume, out_dir)
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
-    if resume_from is not None:
-        _check_same_architecture(ckpt_io.read_model_config(resume_from), workload.model_config, resume_from)
-        ckpt_io.load_model_weights(model, resume_from)
-        try:
-            optimizer.load_state_dict(ckpt_io.load_state(resume_from, "optimizer.pt"))
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise SlimtuneError(
-                f"{resume_from}/optimizer.pt does not fit this run's optimizer (method={cfg.method}): {exc}. "
-                f"Resume with the method the checkpoint was trained with, or start fresh with resume=never."
-            ) from None
-        trainer_state = ckpt_io.load_state(resume_from, "trainer.pt")
-        step = trainer_state["step"]
-        ranks = trainer_state["ranks"]
-        if len(ranks) != env.world_size and env.is_main:
-            tqdm.write(f"warning: checkpoint written by {len(ranks)} processes, resuming with {env.world_size}; "
-                       f"data order will differ from an uninterrupted run")
-        if env.rank < len(ranks):
-            _set_rng_state(ranks[env.rank]["rng"], device)
-            workload.load_state_dict(ranks[env.rank]["data"])
-        if env.is_main:
-            metrics.truncate_after(step)
-            tqdm.write(f"resumed from {resume_from} at step {step}")
-    elif env.is_main and metrics.path.exists():
-        metrics.path.unlink()  # a fresh run in an old out_dir starts a fresh log
-
-    raw_model = model
-    if env.enabled and cfg.method == "badam":
-        raise SlimtuneError("method=badam under torchrun/DDP is not supported yet (DDP fixes the trainable set at "
-                            "wrap time, BAdam changes it every switch); train BAdam in one process")
-    if env.enabled:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    # All parameters: which ones train may change during the run (BAdam); clipping skips those without gradients.
-    params = list(raw_model.parameters())
-    n_params = sum(p.numel() for p in params)
-    flops_per_token = workload.flops_per_token()  # fixed for the run: counting parameters every step costs time
-
-    saved_step = -1
-
-    def save(at_step: int) -> Path | None:
-        nonlocal saved_step
-        saved_step = at_step
-        states = ddp.gather_objects({"rng": _rng_state(device), "data": workload.state_dict()}, env)
-        path = None
-        if env.is_main:
-            path = ckpt_io.save_checkpoint(
-                out_dir, at_step, raw_model, optimizer.state_dict(),
-                {"step": at_step, "world_size": env.world_size, "ranks": states, "tokens": tokens_seen},
-                to_dict(cfg), workload.model_config, write_extra=workload.save_files, keep_last=cfg.keep_last,
-            )
-        ddp.barrier(env)
-        return path
-
-    if env.is_main:
-        tqdm.write(f"model: {workload.describe()} | method {cfg.method} | device {device} "
-                   f"{str(compute_dtype).replace('torch.', '')} | matmul {matmul} | "
-                   f"{f'{n_shards} batch shards | ' if n_shards > 1 else ''}{env.world_size} process(es) | "
-                   f"{cfg.batch_size * cfg.grad_accum * env.world_size} sequences/step")
-
-    bar = tqdm(total=cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
-               disable=not (cfg.progress and env.is_main))
-    last_loss = val_loss = None
-    last_ckpt = None
-    stopped = False
-
-    def announce_block(at_step: int, block: str) -> None:
-        # The analytic Adam state of the new block (moments + fp32 grads, + masters for low-precision weights).
-        expected = optimizer.analytic_state_bytes()
-        tqdm.write(f"step {at_step}: BAdam trains block {block} ({optimizer.active_numel() / 1e6:.2f}M parameters, "
-                   f"optimizer state {format_bytes(expected)})")
-        metrics.write({"kind": "switch", "step": at_step, "block": block, "analytic_state_bytes": expected})
-
-    active_block = getattr(optimizer, "active_block_name", None)
-    if active_block is not None and env.is_main:
-        announce_block(step, active_block)
-    tok_s_ema = None
-    tokens_seen = trainer_state["tokens"] if resume_from is not None else 0
-    model.train()
-    with contextlib.ExitStack() as stack:
-        stop = stack.enter_context(_StopRequest())
-        sharded = stack.enter_context(ShardedBackward(n_shards, lambda: autocast(device, compute_dtype))) \
-            if n_shards > 1 else None
-        while step < cfg.max_iters:
-            lr = cosine_with_warmup(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, decay_iters) if cfg.decay_lr else cfg.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            step_tokens = 0
-            for micro in range(cfg.grad_accum):
-                batch = workload.next_batch()
-                step_tokens += workload.batch_tokens(batch)
-                if sharded is not None:
-                    loss_sum += sharded(partial(workload.loss, model), workload.split_batch(batch, n_shards),
-                                        1 / cfg.grad_accum, [p for p in params if p.requires_grad])
-                    continue
-                # Only the last micro-batch all-reduces gradients under DDP.
-                sync = model.no_sync() if env.enabled and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with amp:
-                        loss = workload.loss(model, batch)
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                loss_sum += loss.detach()
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = clip_gradients(optimizer, params, cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            step_tokens *= env.world_size  # ranks draw batches of the same shape (padding aside)
-            tokens_seen += step_tokens
-            tok_s_ema = step_tokens / dt if tok_s_ema is None else 0.9 * tok_s_ema + 0.1 * step_tokens / dt
-
-            log_now = cfg.log_interval and (step % cfg.log_interval == 0 or step == cfg.max_iters)
-            # The same condition on every rank: the mean over ranks is a collective call.
-            if log_now or cfg.progress:
-                last_loss = ddp.all_reduce_mean((loss_sum / cfg.grad_accum).item(), env, device)
-            if env.is_main:
-                tok_s = tok_s_ema
-                # 6N per token assumes every weight gets a gradient; with a frozen part (BAdam) the weight-gradient
-                # third shrinks to the trainable share: 2N forward + 2N input-gradients + 2N_trainable.
-                share = sum(p.numel() for p in params if p.requires_grad) / n_params
-                mfu = flops_per_token * (4 + 2 * share) / 6 * tok_s / env.world_size / peak_flops
-                peak = peak_memory_bytes(device)
-                bar.update(1)
-                if not bar.disable:
-                    bar.set_postfix_str(f"loss {last_loss:.4f} | {tok_s:,.0f} tok/s | MFU {mfu:.0%} | "
-                                        f"peak {format_bytes(peak)}", refresh=False)
-                if log_now:
-                    record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
-                              "grad_norm": None if grad_norm is None else float(grad_norm),
-                              "tokens": tokens_seen, "tok_per_s": tok_s, "mfu": mfu, "peak_mem_bytes": peak,
-                              "dt_s": dt, "time": time.time()}
-                    if hasattr(optimizer, "optimizer_state_bytes"):
-                        record["optimizer_state_bytes"] = optimizer.optimizer_state_bytes()
-                    metrics.write(record)
-                block = getattr(optimizer, "active_block_name", None)
-                if block is not None and block != active_block:
-                    announce_block(step, block)
-                    active_block = block
-
-            saved_now = False
-            if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_iters):
-                with sharded.all_cores() if sharded is not None else contextlib.nullcontext():
-                    losses = estimate_loss(model, workload, cfg.eval_iters, amp, env, device)
-                val_loss = losses.get("val", val_loss)
-                if env.is_main:
-                    tqdm.write(f"step {step}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()))
-                    metrics.write({"kind": "eval", "step": step, **{f"{k}_loss": v for k, v in losses.items()}})
-                last_ckpt, saved_now = save(step), True
-            elif cfg.save_interval and step % cfg.save_interval == 0:
-                last_ckpt, saved_now = save(step), True
-
-            if saved_now and os.environ.get("SLIMTUNE_FAULT_KILL_AT_STEP") == str(step):
-                # Fault injection for the crash-recovery tests: die like an OOM-killed or preempted job would.
-                os.kill(os.getpid(), signal.SIGKILL)
-            if ddp.any_rank(stop.requested, env, device):
-                if not saved_now:
-                    last_ckpt = save(step)
-                stopped = True
-                if env.is_main:
-                    tqdm.write(f"stopped by signal at step {step}; checkpoint saved to {last_ckpt}. "
-                               f"Run the same command again (resume=auto) to continue.")
-                break
-            if not math.isfinite(last_loss if last_loss is not None else 0.0):
-                raise SlimtuneError(f"loss became {last_loss} at step {step}; lower lr or enable grad_clip")
-    bar.close()
-    if saved_step != step:  # decided identically on every rank: saving is collective
-        last_ckpt = save(step)
-    peak = peak_memory_bytes(device)
-    if env.is_main:
-        if cfg.plot:
-            plot_losses(metrics.read(), out_dir / "loss.png")
-        tqdm.write(f"done: step {step}, checkpoint {last_ckpt}, peak memory {format_bytes(peak)}")
-    return TrainResult(out_dir, step, last_ckpt, last_loss, val_loss, stopped, peak)
+    return run.strategy.save(write)

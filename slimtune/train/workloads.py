@@ -1,59 +1,41 @@
-"""What is trained on what: a model, its batches, its loss, and how it is saved.
+"""What is trained on: data, batches, and the loss of a batch. The model itself is built by `slimtune.models.build`.
 
 The training loop is the same for every workload; only these few operations differ:
 
-    LMWorkload          slimtune's GPT from scratch on `slimtune prepare` token memmaps (random windows)
-    HFCausalLMWorkload  a Hugging Face causal LM fine-tuned on instruction/chat/text files (chat template, prompt
-                        tokens masked, optional packing)
+    LMWorkload            slimtune's GPT from scratch on `slimtune prepare` token memmaps (random windows)
+    HFCausalLMWorkload    a Hugging Face causal LM fine-tuned on instruction/chat/text files (chat template, prompt
+                          tokens masked, optional packing)
     HFClassifierWorkload  an encoder (BERT/RoBERTa-class) or decoder with a new classification head on JSONL labels
 
-Every workload's data state (`state_dict`) is small and exact, so a resumed run sees exactly the batches that an
-uninterrupted run would have seen.
+The loss of a batch is a *sum* over its targets (`loss_sum`), and `count_targets` says how many there are without
+running the model: a strategy divides by the targets of the whole optimizer step (all micro-batches, all ranks), so
+gradient accumulation and data parallelism weigh every target token equally, however the tokens fall into
+micro-batches. Every workload's data state (`state_dict`) is small and exact, so a resumed run sees exactly the
+batches that an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 
-from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
-
-
-def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
-    """AdamW parameter groups: matrices decay; biases and norm weights (every tensor with < 2 dims) never do;
-    embedding matrices decay only if `decay_embeddings`. Tied parameters appear once; frozen ones not at all."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():  # parameters() yields a tied tensor once
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2 or (not decay_embeddings and id(p) in embedding_ids):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
 
 
 class Workload:
     """Interface of a workload (see the module docstring). Attributes set by subclasses:
 
-    model            the raw nn.Module being trained
-    model_config     a JSON-able description of the architecture, compared on resume
-    n_train_examples examples (windows, conversations) in one pass over the training data
-    can_split_rows   whether `split_batch` works (cpu_shards)
+    n_train_examples  examples (windows, conversations) in one pass over the training data
     """
 
-    model: nn.Module
-    model_config: dict
     n_train_examples: int
-    can_split_rows: bool = False
+
+    def model_spec(self) -> dict:
+        """What the model builder needs to know from the data (e.g. the vocabulary size, the labels)."""
+        return {}
 
     def next_batch(self) -> Any:
         raise NotImplementedError
@@ -62,20 +44,26 @@ class Workload:
         """Tokens in a micro-batch that the model really processes (padding excluded)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+    def count_targets(self, batch) -> int:
+        """Targets (predicted tokens, or labelled examples) in a micro-batch: what `loss_sum` sums over."""
         raise NotImplementedError
 
-    def split_batch(self, batch, n: int) -> list[tuple[Any, float]]:
-        """`batch` as `n` row shards with weights such that sum(weight * loss(shard)) == loss(batch) (up to float
-        rounding), for `cpu_shards`. Only where `can_split_rows`."""
+    def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
+        """Sum of the per-target losses of `batch` (a scalar tensor)."""
         raise NotImplementedError
 
-    def eval_batches(self, split: str, max_batches: int):
-        """The same batches at every evaluation of `split` ("train" or "val"); empty if there is no such split."""
+    def eval_batches(self, split: str, max_batches: int) -> Iterator:
+        """The same batches at every evaluation of `split` ("train" or "val"); empty if there is no such split.
+        Under data parallelism each rank yields its own share."""
         raise NotImplementedError
 
-    def flops_per_token(self) -> float:
+    def forward_flops_per_token(self, model: nn.Module) -> float:
+        """Forward FLOPs per token: 2 per weight of the matmuls plus attention's score and value products."""
         raise NotImplementedError
+
+    def compile(self, model: nn.Module) -> None:
+        """torch.compile what the loss really runs, in place (state-dict keys unchanged)."""
+        model.compile()
 
     def state_dict(self) -> dict:
         raise NotImplementedError
@@ -83,8 +71,8 @@ class Workload:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
-    def save_files(self, folder: Path) -> None:
-        """Write what besides model.safetensors makes a checkpoint self-describing (config, tokenizer)."""
+    def save_files(self, folder: Path, model: nn.Module) -> None:
+        """Write what besides the weights makes a checkpoint self-describing (config, tokenizer)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -97,30 +85,28 @@ class Workload:
 
 
 class LMWorkload(Workload):
-    can_split_rows = True
-
-    def __init__(self, cfg: TrainConfig, rank: int, device: torch.device):
-        from dataclasses import asdict
-
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         from slimtune.data.prepare import read_meta
         from slimtune.data.windows import TokenWindows
-        from slimtune.models.gpt import GPT, GPTConfig
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FOLDER (a folder written by `slimtune prepare`)")
         self.data_dir = Path(cfg.data)
         meta = read_meta(self.data_dir)
-        self.windows = TokenWindows(self.data_dir / "train.bin", meta["dtype"], cfg.block_size, cfg.batch_size,
-                                    cfg.seed, rank, device)
-        # Evaluation streams: their own generator (seed + 1) per rank, rewound before every evaluation.
-        self._eval = {split: TokenWindows(self.data_dir / f"{split}.bin", meta["dtype"], cfg.block_size,
-                                          cfg.batch_size, cfg.seed + 1, rank, device)
-                      for split in ("train", "val")} if cfg.eval_interval > 0 else {}
-        self.model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=meta["vocab_size"], n_layer=cfg.n_layer,
-                                   n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias))
-        self.model_config = asdict(self.model.config)
-        self.n_train_examples = max(1, meta["train_tokens"] // cfg.block_size)
-        self.cfg = cfg
+        g = cfg.gpt
+
+        def windows(split: str, seed: int) -> TokenWindows:
+            return TokenWindows(self.data_dir / f"{split}.bin", meta["dtype"], g.block_size, cfg.batch_size, seed,
+                                rank, device, world_size)
+
+        self.windows = windows("train", cfg.seed)
+        # Evaluation streams: their own generator (seed + 1), rewound before every evaluation.
+        self._eval = {split: windows(split, cfg.seed + 1) for split in ("train", "val")} if cfg.eval.interval else {}
+        self.vocab_size = meta["vocab_size"]
+        self.n_train_examples = max(1, meta["train_tokens"] // g.block_size)
+
+    def model_spec(self) -> dict:
+        return {"vocab_size": self.vocab_size}
 
     def next_batch(self):
         return self.windows.next_batch()
@@ -128,13 +114,11 @@ class LMWorkload(Workload):
     def batch_tokens(self, batch) -> int:
         return batch[0].numel()
 
-    def loss(self, model, batch):
-        return model(*batch)[1]
+    def count_targets(self, batch) -> int:
+        return batch[1].numel()
 
-    def split_batch(self, batch, n: int) -> list[tuple[Any, float]]:
-        # Every row is a full window of block_size targets, so a shard's share of the mean loss is its share of rows.
-        x, y = batch
-        return [((xs, ys), xs.shape[0] / x.shape[0]) for xs, ys in zip(x.tensor_split(n), y.tensor_split(n))]
+    def loss_sum(self, model, batch):
+        return model(*batch, reduction="sum")[1]
 
     def eval_batches(self, split: str, max_batches: int):
         w = self._eval.get(split)
@@ -147,8 +131,9 @@ class LMWorkload(Workload):
         finally:
             w.load_state_dict(start)
 
-    def flops_per_token(self) -> float:
-        return self.model.flops_per_token()
+    def forward_flops_per_token(self, model) -> float:
+        c = model.config
+        return 2 * model.num_params() + 4 * c.n_layer * c.n_embd * c.block_size
 
     def state_dict(self) -> dict:
         return self.windows.state_dict()
@@ -156,7 +141,7 @@ class LMWorkload(Workload):
     def load_state_dict(self, state: dict) -> None:
         self.windows.load_state_dict(state)
 
-    def save_files(self, folder: Path) -> None:
+    def save_files(self, folder: Path, model) -> None:
         import shutil
 
         shutil.copy2(self.data_dir / "meta.json", folder / "meta.json")
@@ -164,8 +149,7 @@ class LMWorkload(Workload):
             shutil.copytree(self.data_dir / "tokenizer", folder / "tokenizer")
 
     def describe(self) -> str:
-        c = self.cfg
-        return f"GPT {c.n_layer}x{c.n_embd}, {self.model.num_params() / 1e6:.2f}M parameters"
+        return f"{self.n_train_examples:,} training windows from {self.data_dir}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,14 +157,10 @@ class LMWorkload(Workload):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _weights_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 class _HFWorkload(Workload):
-    """Shared by the causal-LM and classifier workloads: batches of padded dicts, HF losses, HF checkpoint files."""
+    """Shared by the causal-LM and classifier workloads: batches of padded dicts, HF checkpoint files."""
 
-    def _init_batches(self, cfg: TrainConfig, train, val, pad_id: int, rank: int, world_size: int, device):
+    def _init_batches(self, cfg, train, val, pad_id: int, rank: int, world_size: int, device):
         from slimtune.data.instruct import InstructionBatches
 
         self.cfg = cfg
@@ -200,9 +180,6 @@ class _HFWorkload(Workload):
     def batch_tokens(self, batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    def loss(self, model, batch):
-        return model(**batch).loss
-
     def eval_batches(self, split: str, max_batches: int):
         from slimtune.data.instruct import collate
 
@@ -216,12 +193,12 @@ class _HFWorkload(Workload):
             yield self._to_device(collate([dataset[i] for i in range(start, min(start + bs, len(dataset)))],
                                           self.pad_id))
 
-    def flops_per_token(self) -> float:
-        n = sum(p.numel() for p in self.model.parameters())
-        c = self.model.config
+    def forward_flops_per_token(self, model) -> float:
+        n = sum(p.numel() for p in model.parameters())
+        c = model.config
         layers = getattr(c, "num_hidden_layers", 0)
         width = getattr(c, "hidden_size", 0)
-        return 6 * n + 12 * layers * width * self.cfg.max_seq_len
+        return 2 * n + 4 * layers * width * self.cfg.dataset.max_seq_len
 
     def state_dict(self) -> dict:
         return self.batches.state_dict()
@@ -229,83 +206,86 @@ class _HFWorkload(Workload):
     def load_state_dict(self, state: dict) -> None:
         self.batches.load_state_dict(state)
 
-    def save_files(self, folder: Path) -> None:
+    def save_files(self, folder: Path, model) -> None:
         from slimtune.models.hf import write_hf_metadata
 
-        write_hf_metadata(self.model, self.tokenizer, folder)
+        write_hf_metadata(model, self.tokenizer, folder)
 
-    def _describe_data(self) -> str:
+    def describe(self) -> str:
         val = f", {len(self.val_set)} validation" if self.val_set is not None else ""
         return f"{len(self.train_set)} training sequences{val}"
 
 
 class HFCausalLMWorkload(_HFWorkload):
-    def loss(self, model, batch):
-        from slimtune.train.loss import causal_lm_loss
-
-        return causal_lm_loss(model, batch)
-
-
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         from slimtune.data.instruct import load_instruction_data
-        from slimtune.models.hf import enable_checkpointing, load_causal_lm
+        from slimtune.models.hf import load_tokenizer, resolve_model
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FILE (Alpaca JSON/JSONL, chat JSONL or a .txt file)")
-        self.model, self.tokenizer = load_causal_lm(cfg.model, dtype=_weights_dtype(cfg.weights_dtype),
-                                                    trust_remote_code=cfg.trust_remote_code)
+        d = cfg.dataset
+        self.tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.hf.trust_remote_code)
         train, val = load_instruction_data(
-            cfg.data, self.tokenizer, cfg.max_seq_len, template=cfg.chat_template or None,
-            column_map=dict(cfg.column_map) or None, pack=cfg.packing, val_fraction=cfg.val_fraction,
-            val_path=cfg.val_data or None, seed=cfg.seed,
+            cfg.data, self.tokenizer, d.max_seq_len, template=d.chat_template or None,
+            column_map=dict(d.column_map) or None, pack=d.packing, val_fraction=d.held_out_fraction,
+            val_path=d.val_data or None, seed=cfg.seed,
         )
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(self.model)
-        self.model_config = {"kind": "hf-causal-lm", "source": cfg.model, **_arch(self.model)}
 
-    def describe(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters())
-        return f"{type(self.model).__name__} from {self.cfg.model}, {n / 1e6:.1f}M parameters; {self._describe_data()}"
+    def count_targets(self, batch) -> int:
+        from slimtune.train.loss import count_causal_targets
+
+        return count_causal_targets(batch)
+
+    def loss_sum(self, model, batch):
+        from slimtune.train.loss import causal_lm_loss
+
+        return causal_lm_loss(model, batch, reduction="sum")
+
+    def compile(self, model) -> None:
+        from slimtune.train.loss import fused_head_backbone
+
+        # The chunked loss runs the backbone and then the head inside the loss: compile the backbone, which is
+        # what really runs, not the outer module whose forward is never called.
+        (fused_head_backbone(model) or model).compile()
 
 
 class HFClassifierWorkload(_HFWorkload):
-    def __init__(self, cfg: TrainConfig, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
         from slimtune.data.instruct import load_classification_data
-        from slimtune.models.hf import load_sequence_classifier, load_tokenizer, resolve_model
+        from slimtune.models.hf import load_tokenizer, resolve_model
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FILE (JSONL with text, optional text_pair, and label)")
-        tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code)
+        d = cfg.dataset
+        self.tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.hf.trust_remote_code)
         train, val, label2id = load_classification_data(
-            cfg.data, tokenizer, cfg.max_seq_len, column_map=dict(cfg.column_map) or None,
-            val_fraction=cfg.val_fraction, val_path=cfg.val_data or None, seed=cfg.seed,
+            cfg.data, self.tokenizer, d.max_seq_len, column_map=dict(d.column_map) or None,
+            val_fraction=d.held_out_fraction, val_path=d.val_data or None, seed=cfg.seed,
         )
-        names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
-        self.model, self.tokenizer = load_sequence_classifier(
-            cfg.model, num_labels=len(names), label_names=names, dtype=_weights_dtype(cfg.weights_dtype),
-            trust_remote_code=cfg.trust_remote_code)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.label_names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
         self.label2id = label2id
-        self.model_config = {"kind": "hf-classifier", "source": cfg.model, "labels": names, **_arch(self.model)}
+
+    def model_spec(self) -> dict:
+        return {"label_names": self.label_names}
+
+    def count_targets(self, batch) -> int:
+        return int(batch["labels"].shape[0])
+
+    def loss_sum(self, model, batch):
+        return model(**batch).loss * batch["labels"].shape[0]  # the model's loss is the batch mean
 
     def describe(self) -> str:
-        n = sum(p.numel() for p in self.model.parameters())
-        return (f"{type(self.model).__name__} from {self.cfg.model}, {n / 1e6:.1f}M parameters, "
-                f"{len(self.label2id)} labels; {self._describe_data()}")
+        return f"{super().describe()}, {len(self.label2id)} labels"
 
 
-def _arch(model: nn.Module) -> dict:
-    c = model.config
-    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-    return {k: getattr(c, k, None) for k in keys}
-
-
-def build_workload(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> Workload:
-    if cfg.model == "gpt":
-        return LMWorkload(cfg, rank, device)
-    if cfg.task == "classify":
+def build_workload(cfg, rank: int, world_size: int, device: torch.device) -> Workload:
+    if cfg.is_gpt:
+        return LMWorkload(cfg, rank, world_size, device)
+    if cfg.hf.task == "classify":
         return HFClassifierWorkload(cfg, rank, world_size, device)
     return HFCausalLMWorkload(cfg, rank, world_size, device)

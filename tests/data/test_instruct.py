@@ -215,10 +215,27 @@ def test_nothing_left_after_filtering_is_an_error(tmp_path, tok):
         load_instruction_data(path, tok, max_seq_len=16)
 
 
-def test_empty_file_is_an_error(tmp_path, tok):
-    (tmp_path / "e.jsonl").write_text("\n")
-    with pytest.raises(SlimtuneError, match="no training examples left.*holds no records"):
-        load_instruction_data(tmp_path / "e.jsonl", tok, max_seq_len=16)
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.json", "[]"), ("e.json", ""),
+                                          ("blank.jsonl", "\n\n  \n")])
+@pytest.mark.parametrize("val_fraction", [0.0, 0.05])
+def test_file_without_records_says_so(tmp_path, tok, name, content, val_fraction):
+    (tmp_path / name).write_text(content)
+    # The message blames the file, never val_fraction.
+    with pytest.raises(SlimtuneError, match=rf"{name}: the file has no records") as info:
+        load_instruction_data(tmp_path / name, tok, max_seq_len=16, val_fraction=val_fraction)
+    assert "val_fraction" not in str(info.value)
+    cls_tok = tiny_tokenizer(None, pair_template=True)
+    with pytest.raises(SlimtuneError, match=rf"{name}: the file has no records"):
+        load_classification_data(tmp_path / name, cls_tok, max_seq_len=16, val_fraction=val_fraction)
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("a", "b")] * 3)
+    with pytest.raises(SlimtuneError, match=rf"{name}: the file has no records"):  # an empty validation file too
+        load_instruction_data(good, tok, max_seq_len=16, val_path=tmp_path / name)
+
+
+def test_text_file_without_text_says_so(tmp_path, tok):
+    (tmp_path / "e.txt").write_text(" \n\n")
+    with pytest.raises(SlimtuneError, match=r"e\.txt: the file has no text"):
+        load_instruction_data(tmp_path / "e.txt", tok, max_seq_len=16)
 
 
 # --- packing, splits -------------------------------------------------------------------------------------------
@@ -265,10 +282,25 @@ def test_separate_validation_file_and_bad_split_settings(tmp_path, tok):
     vpath = write_jsonl(tmp_path / "v.jsonl", [chat("c", "d")])
     train, val = load_instruction_data(path, tok, max_seq_len=64, val_path=vpath)
     assert len(train) == 3 and len(val) == 1
-    with pytest.raises(SlimtuneError, match="not both"):
-        load_instruction_data(path, tok, max_seq_len=64, val_path=vpath, val_fraction=0.1)
     with pytest.raises(SlimtuneError, match="leaves nothing to train on"):
         load_instruction_data(vpath, tok, max_seq_len=64, val_fraction=0.5)
+
+
+@pytest.mark.parametrize("val_fraction", [0.05, 0.5, 0.0])
+def test_validation_file_replaces_the_split(tmp_path, tok, val_fraction):
+    # val_data=FILE next to the default val_fraction: the file is the validation set, every record trains.
+    path = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
+    vpath = write_jsonl(tmp_path / "v.jsonl", [chat("c", "d"), chat("e", "f")])
+    train, val = load_instruction_data(path, tok, max_seq_len=64, val_fraction=val_fraction, val_path=vpath)
+    alone, _ = load_instruction_data(path, tok, max_seq_len=64)
+    assert [e.input_ids for e in train] == [e.input_ids for e in alone]
+    assert len(val) == 2
+    cls_tok = tiny_tokenizer(None, pair_template=True)
+    cpath = write_jsonl(tmp_path / "c.jsonl", [{"text": f"good {i}", "label": i % 2} for i in range(10)])
+    cval = write_jsonl(tmp_path / "cv.jsonl", [{"text": "bad", "label": 0}])
+    train, val, _ = load_classification_data(cpath, cls_tok, max_seq_len=16, val_fraction=val_fraction,
+                                             val_path=cval)
+    assert len(train) == 10 and len(val) == 1
 
 
 # --- batches ---------------------------------------------------------------------------------------------------

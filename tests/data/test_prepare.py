@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from slimtune.data.prepare import prepare, read_meta, token_dtype
+from slimtune.data.prepare import prepare, read_meta, small_split_warnings, token_dtype
 from slimtune.data.tokenizer import load_tokenizer
 from slimtune.errors import SlimtuneError
 
@@ -102,3 +102,29 @@ def test_hf_tokenizer_folder(tmp_path):
     ids = np.concatenate([np.fromfile(tmp_path / "d" / f, dtype=np.uint16) for f in ("train.bin", "val.bin")])
     assert len(ids) < len(text) / 2  # BPE merges characters
     assert load_tokenizer(meta, tmp_path / "d").decode(ids.tolist()) == text
+
+
+def test_tiny_corpus_warns_that_splits_are_too_small(tmp_path, capsys):
+    (tmp_path / "tiny.txt").write_text("hello")
+    meta = prepare([tmp_path / "tiny.txt"], tmp_path / "d", progress=False)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (4, 1)  # still written: the user may train on it anyway
+    err = capsys.readouterr().err
+    assert "warning: " in err and str(tmp_path / "d") in err
+    assert "the val split has only 1 token: fewer than the 2 of the shortest window" in err
+    assert "the train split has only 4 tokens: enough only for windows of block_size <= 3" in err
+    assert "larger corpus or a smaller val_fraction (now 0.1)" in err
+
+
+def test_small_split_warnings():
+    assert small_split_warnings(10_000, 1_000, 0.1) == []
+    (train,) = small_split_warnings(0, 1_000, 0.1)
+    assert train.startswith("the train split has only 0 tokens") and "training on it fails" in train
+    (val,) = small_split_warnings(10_000, 30, 0.003)
+    assert val == ("the val split has only 30 tokens: enough only for windows of block_size <= 29; use a larger "
+                   "corpus or a larger val_fraction (now 0.003)")
+
+
+def test_a_usable_corpus_prints_no_warning(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello world\nthe quick brown fox\n" * 50)
+    prepare([tmp_path / "a.txt"], tmp_path / "d", progress=False)
+    assert "warning" not in capsys.readouterr().err

@@ -33,16 +33,21 @@ def test_resume_continues_the_same_stream(tokens):
         assert torch.equal(b.next_batch()[0], e)
 
 
-def test_ranks_draw_different_data(tokens):
-    r0 = TokenWindows(tokens, "uint16", 8, 4, seed=3, rank=0).next_batch()[0]
-    r1 = TokenWindows(tokens, "uint16", 8, 4, seed=3, rank=1).next_batch()[0]
-    assert not torch.equal(r0, r1)
+def test_ranks_take_their_rows_of_the_global_batch(tokens):
+    """Two ranks on batch 2 see exactly the rows one process on batch 4 sees, batch after batch."""
+    whole = TokenWindows(tokens, "uint16", 8, 4, seed=3)
+    ranks = [TokenWindows(tokens, "uint16", 8, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        x = whole.next_batch()[0]
+        r0, r1 = (w.next_batch()[0] for w in ranks)
+        assert not torch.equal(r0, r1)
+        assert torch.equal(torch.cat([r0, r1]), x)
 
 
 def test_too_short_data(tmp_path):
     path = tmp_path / "val.bin"
     np.arange(8, dtype=np.uint16).tofile(path)
-    with pytest.raises(SlimtuneError, match=r"holds 8 tokens, fewer than block_size\+1 = 9"):
+    with pytest.raises(SlimtuneError, match=r"holds 8 tokens, fewer than gpt.block_size\+1 = 9"):
         TokenWindows(path, "uint16", block_size=8, batch_size=2, seed=0)
     with pytest.raises(SlimtuneError, match="missing"):
         TokenWindows(tmp_path / "nope.bin", "uint16", 8, 2, 0)

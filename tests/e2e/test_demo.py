@@ -9,7 +9,7 @@ def test_finetune_demo_prints_before_after_table(tmp_path, capsys):
 
     model = save_tiny_llama(tmp_path / "tiny")
     result = run_finetune_demo(tmp_path / "demo", model=str(model), steps=3, n_train=40, n_test=3, method="full",
-                               extra=["progress=false", "max_seq_len=128"])
+                               extra=["log.progress=false", "dataset.max_seq_len=128"])
     out = capsys.readouterr().out
     assert "| prompt" in out and "| expected" in out and "fine-tuned |" in out
     assert "(base)" in out and "after slimtune fine-tuning" in out and "3 steps x 8" in out

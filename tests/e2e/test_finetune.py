@@ -16,8 +16,8 @@ from slimtune.train.checkpoint import list_checkpoints
 from tests.tiny_hf import save_tiny_bert, save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["progress=false", "plot=false", "eval_iters=2", "warmup_iters=2", "max_seq_len=64", "batch_size=4",
-        "threads=1"]
+FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_iters=2", "dataset.max_seq_len=64", "batch_size=4",
+        "runtime.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def records(out: Path, kind: str) -> list[dict]:
 def test_sft_trains_checkpoints_and_exports(llama_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "sft"
     args = ["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=30", "lr=3e-3",
-            "eval_interval=15", "log_interval=5", "val_fraction=0.1"]
+            "eval.interval=15", "log.interval=5", "dataset.val_fraction=0.1"]
     assert cli.main(args) == 0
     train = records(out, "train")
     evals = records(out, "eval")
@@ -83,7 +83,7 @@ def test_chat_streams_replies(llama_dir, monkeypatch, capsys):
 def test_sft_kill_and_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
     def args(out):
         return ["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=12",
-                "save_interval=6", "eval_interval=0", "log_interval=1", "val_fraction=0", "dropout=0.0"]
+                "ckpt.interval=6", "eval.interval=0", "log.interval=1", "dataset.val_fraction=0"]
 
     assert cli.main(args(tmp_path / "straight")) == 0
     proc = subprocess.run([sys.executable, "-m", "slimtune", *args(tmp_path / "crashed")], cwd=ROOT,
@@ -110,9 +110,9 @@ def test_classification_finetune_learns(tmp_path):
         lines.append(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}))
     (tmp_path / "cls.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "cls"
-    assert cli.main(["train", f"model={bert}", "task=classify", f"data={tmp_path / 'cls.jsonl'}", f"out_dir={out}",
-                     *FAST, "batch_size=8", "max_iters=60", "lr=3e-3", "eval_interval=60", "val_fraction=0.2",
-                     "weight_decay=0"]) == 0
+    assert cli.main(["train", f"model={bert}", "hf.task=classify", f"data={tmp_path / 'cls.jsonl'}", f"out_dir={out}",
+                     *FAST, "batch_size=8", "max_iters=60", "lr=3e-3", "eval.interval=60", "dataset.val_fraction=0.2",
+                     "optim.weight_decay=0"]) == 0
     evals = records(out, "eval")
     assert evals[-1]["val_loss"] < 0.3  # separable: near-perfect after 60 steps (ln 2 = 0.69 is chance)
     cfg = json.loads((out / "step-000060" / "config.json").read_text())
@@ -140,11 +140,11 @@ def test_badam_with_checkpointing_and_onednn_matches_plain_run(llama_dir, chat_f
     if not onednn_available():
         pytest.skip("this torch build has no oneDNN")
     losses = {}
-    for name, extra in {"plain": ["matmul=aten"], "ckpt+onednn": ["matmul=onednn", "gradient_checkpointing=true"]}.items():
+    for name, extra in {"plain": ["runtime.matmul=aten"], "ckpt+onednn": ["runtime.matmul=onednn", "hf.gradient_checkpointing=true"]}.items():
         out = tmp_path / name
         args = ["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=6",
-                "method=badam", "badam.switch_every=2", "badam.switch_mode=ascending", "eval_interval=0",
-                "log_interval=1", "lr=3e-3", *extra]
+                "method=badam", "badam.switch_every=2", "badam.switch_mode=ascending", "eval.interval=0",
+                "log.interval=1", "lr=3e-3", *extra]
         assert cli.main(args) == 0
         assert f"matmul {extra[0].split('=')[1]}" in capsys.readouterr().out
         losses[name] = [r["loss"] for r in records(out, "train")]

@@ -56,7 +56,7 @@ def test_causal_attention_future_tokens_do_not_leak():
 
 
 def test_param_groups_never_decay_biases_or_norms():
-    from slimtune.train.workloads import decay_groups
+    from slimtune.methods.base import decay_groups
 
     model = tiny()
     decay, no_decay = decay_groups(model, 0.1)

@@ -1,61 +1,83 @@
-"""CPU batch shards: when they are used, that they give the unsharded gradients, repeatably, and clean up."""
+"""strategy=cpu_shards: when auto picks it, what it refuses, that it gives the unsharded gradients, repeatably."""
 
 import contextlib
 
 import pytest
 import torch
 
-from slimtune.config import TrainConfig
+from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
+from slimtune.methods.badam import BAdam
+from slimtune.methods.full import Full
 from slimtune.models.gpt import GPT, GPTConfig
-from slimtune.train.shards import AUTO_MAX_EXTRA_GRAD_BYTES, ShardedBackward, cpu_shards_for, resolve_cpu_shards
+from slimtune.parallel import finish_auto_choice, start_strategy
+from slimtune.parallel.cpu_shards import AUTO_MAX_EXTRA_GRAD_BYTES, CpuShards, ShardedBackward, _split_rows
 
 CPU = torch.device("cpu")
 
 
-def resolve(requested, device=CPU, batch_size=8, threads=2, grad_bytes=1000, blockers=()):
-    return resolve_cpu_shards(requested, device=device, batch_size=batch_size, threads=threads,
-                              trainable_grad_bytes=grad_bytes, blockers=blockers)
+def cfg(*overrides):
+    return make_config(TrainConfig, overrides=["batch_size=8", *overrides])
 
 
-def test_auto_uses_one_shard_per_thread_only_where_it_is_safe_and_small():
-    assert resolve(0) == 2
-    assert resolve(0, threads=4, batch_size=3) == 3  # never more shards than sequences
-    assert resolve(0, threads=1) == 1
-    assert resolve(0, batch_size=1) == 1
-    assert resolve(0, device=torch.device("cuda")) == 1
-    assert resolve(0, blockers=["dropout=0.1"]) == 1
-    assert resolve(0, grad_bytes=AUTO_MAX_EXTRA_GRAD_BYTES) == 2
-    assert resolve(0, grad_bytes=AUTO_MAX_EXTRA_GRAD_BYTES + 1) == 1
-    assert resolve(1) == 1
-    assert resolve(3, threads=2) == 3  # an explicit number is taken as given
+def auto(config, model, threads=2, method=Full, device=CPU):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return CpuShards.auto_applies(config, device, method(config), model)
+    finally:
+        torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(blockers=["dropout=0.1", "torchrun/DDP"]), "cpu_shards=2 cannot be used with dropout=0.1, torchrun/DDP"),
-    (dict(batch_size=1), "cpu_shards=2 is more than batch_size=1"),
-    (dict(device=torch.device("cuda")), "cpu_shards=2 applies to CPU training, but device is cuda"),
+def test_auto_picks_shards_only_where_it_is_safe_and_small():
+    small = torch.nn.Linear(4, 4)
+    assert auto(cfg(), small)
+    assert not auto(cfg(), small, threads=1)
+    assert not auto(cfg("batch_size=1"), small)
+    assert not auto(cfg(), small, device=torch.device("meta"))
+    assert not auto(cfg("runtime.compile=true"), small)
+    assert not auto(cfg("method=badam"), small, method=BAdam)
+    assert not auto(cfg(), torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1)))
+    limit = AUTO_MAX_EXTRA_GRAD_BYTES // 4  # fp32 parameters whose one extra gradient copy is exactly the limit
+    assert auto(cfg(), torch.nn.Linear(1, limit, bias=False, device="meta"))
+    assert not auto(cfg(), torch.nn.Linear(1, limit + 1, bias=False, device="meta"))
+
+
+def test_strategy_auto_resolves_to_cpu_shards_for_a_tiny_gpt_and_single_otherwise():
+    c = cfg()
+    torch.set_num_threads(2)
+    start = start_strategy(c, CPU)
+    assert start.name == "single"
+    tiny = GPT(GPTConfig(vocab_size=32, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    assert finish_auto_choice(start, c, Full(c), tiny).name == "cpu_shards"
+    explicit = cfg("strategy=single")
+    assert finish_auto_choice(start_strategy(explicit, CPU), explicit, Full(explicit), tiny).name == "single"
+
+
+@pytest.mark.parametrize("overrides, model, method, message", [
+    (["method=badam"], torch.nn.Linear(2, 2), BAdam, "method=badam"),
+    ([], torch.nn.Sequential(torch.nn.Dropout(0.2)), Full, r"dropout > 0 \(in 0\)"),
+    (["runtime.compile=true"], torch.nn.Linear(2, 2), Full, "runtime.compile=true"),
 ])
-def test_explicit_shards_that_cannot_work_are_refused(kwargs, message):
-    with pytest.raises(SlimtuneError, match=message):
-        resolve(2, **kwargs)
+def test_explicit_shards_that_cannot_work_are_refused(overrides, model, method, message):
+    c = cfg("strategy=cpu_shards", *overrides)
+    strategy = start_strategy(c, CPU)
+    with pytest.raises(SlimtuneError, match=f"strategy=cpu_shards cannot be used with .*{message}"):
+        strategy.check(method(c), model)
 
 
-def test_blockers_come_from_the_config():
-    model = torch.nn.Linear(4, 4)
-    ok = TrainConfig(batch_size=4, cpu_shards=2)
-    assert cpu_shards_for(ok, CPU, model, distributed=False, can_split_rows=True) == 2
-    bad = TrainConfig(batch_size=4, cpu_shards=2, dropout=0.1, method="badam", compile=True)
-    with pytest.raises(SlimtuneError) as err:
-        cpu_shards_for(bad, CPU, model, distributed=True, can_split_rows=False)
-    for blocker in ("model=gpt (only model=gpt batches split by rows)", "method=badam", "dropout=0.1",
-                    "compile=true", "torchrun/DDP"):
-        assert blocker in str(err.value)
+def test_more_shards_than_rows_is_refused():
+    with pytest.raises(SlimtuneError, match="cpu_shards.n=3 is more than batch_size=2"):
+        start_strategy(cfg("batch_size=2", "strategy=cpu_shards", "cpu_shards.n=3"), CPU)
+    with pytest.raises(SlimtuneError, match="cpu_shards.n must be 0 .* or >= 2, got 1"):
+        cfg("strategy=cpu_shards", "cpu_shards.n=1")
 
 
-def test_negative_cpu_shards_is_a_config_error():
-    with pytest.raises(SlimtuneError, match="cpu_shards must be >= 0, got -1"):
-        TrainConfig(cpu_shards=-1)
+def test_split_rows_handles_tuples_and_dicts():
+    x = torch.arange(10).view(5, 2)
+    parts = _split_rows({"a": x, "b": (x, x + 1)}, 2)
+    assert [p["a"].shape[0] for p in parts] == [3, 2]
+    assert torch.equal(parts[1]["b"][1], x[3:] + 1)
 
 
 def tiny_gpt():

@@ -1,10 +1,12 @@
-"""CPU batch shards: one micro-batch's forward and backward split by rows over threads, one core each.
+"""strategy=cpu_shards: one micro-batch's forward and backward split by rows over threads, one core each.
 
 Why: at the sizes people train from scratch on a CPU, one op (a 768x128 @ 128x512 product, a GELU, a small
 attention) is too small to keep several cores busy, and every parallel op pays a fork/join. Giving each core its
-own rows of the batch and running every op single-threaded keeps both cores busy for the whole step (measured on
-2 cores, nanoGPT's README config: forward + backward 41 -> 36 ms; a 6x384 GPT at block 256 gains nothing; see
+own rows of the batch and running every op single-threaded keeps both cores busy for the whole step (measured in
 docs/BENCHMARKS.md §1b). torch releases the GIL inside its ops, so Python threads are enough.
+
+Because the workload's loss is a sum over target tokens (normalised by the step's target count), any batch splits
+by rows without weights: the shards' sums add up to the micro-batch's sum, whatever the tokens per row.
 
 What stays exact: each shard runs single-threaded, so its result does not depend on scheduling; shard 0
 back-propagates into `.grad`, the others return their gradients, which are added in shard order. A run with the
@@ -12,10 +14,9 @@ same number of shards is therefore bit-for-bit repeatable and resumes exactly. A
 gradients differ by float rounding (a different summation order), not more. The price is memory: one extra
 gradient copy per extra shard while they are added.
 
-What is not supported (and why `cpu_shards` refuses or `auto` stays at 1): random ops in the forward (dropout
-draws from one global generator, in an order the threads would race for), DDP (it all-reduces from `.grad`
-hooks that `autograd.grad` does not fire), BAdam (it may step from gradient hooks), fp16 loss scaling, compiled
-models, and workloads that cannot split a batch by rows.
+What is refused (and where `auto` stays off): random ops in the forward (dropout draws from one global
+generator, in an order the threads would race for), methods that act on gradients through hooks (BAdam), fp16
+loss scaling, compiled models, more shards than rows, non-CPU devices.
 """
 
 from __future__ import annotations
@@ -23,59 +24,121 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
+import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.parallel.base import Strategy
+from slimtune.registry import STRATEGIES
 
 AUTO_MAX_EXTRA_GRAD_BYTES = 256 * 2**20
-"""`cpu_shards=0` (auto) shards only while the extra gradient copies fit in this many bytes (64M fp32 parameters
-on 2 cores): small models gain the most, and a large model's extra copies would cost real memory."""
+"""`strategy=auto` shards only while the extra gradient copies fit in this many bytes (64M fp32 parameters on 2
+cores): small models gain the most, and a large model's extra copies would cost real memory."""
 
 
-def cpu_shards_for(cfg, device: torch.device, model: torch.nn.Module, *, distributed: bool,
-                   can_split_rows: bool) -> int:
-    """`cfg.cpu_shards` resolved for this run (a TrainConfig; 0 = auto)."""
-    blockers = []
-    if not can_split_rows:
-        blockers.append(f"model={cfg.model} (only model=gpt batches split by rows)")
-    if cfg.method != "full":
-        blockers.append(f"method={cfg.method}")
-    if cfg.dropout > 0:
-        blockers.append(f"dropout={cfg.dropout}")
-    if cfg.compile:
-        blockers.append("compile=true")
-    if distributed:
-        blockers.append("torchrun/DDP")
-    if cfg.precision == "fp16":
-        blockers.append("precision=fp16")
-    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return resolve_cpu_shards(cfg.cpu_shards, device=device, batch_size=cfg.batch_size,
-                              threads=torch.get_num_threads(), trainable_grad_bytes=grad_bytes, blockers=blockers)
+@dataclass
+class CpuShardsConfig:
+    """Row shards of each micro-batch on one-core threads (strategy=cpu_shards)."""
+
+    n: int = 0
+    """Shards per micro-batch; 0 = one per torch thread (at most batch_size)."""
+
+    def __post_init__(self):
+        if self.n < 0 or self.n == 1:
+            raise SlimtuneError(f"cpu_shards.n must be 0 (one per thread) or >= 2, got {self.n}; for no shards use "
+                                f"strategy=single")
 
 
-def resolve_cpu_shards(requested: int, *, device: torch.device, batch_size: int, threads: int,
-                       trainable_grad_bytes: int, blockers: Sequence[str]) -> int:
-    """How many row shards each micro-batch runs as. `requested`: the `cpu_shards` setting (0 = auto).
-    `blockers`: settings that make sharding unsupported, each written as the user would write it."""
-    if requested == 1:
-        return 1
-    if requested == 0:
-        n = min(threads, batch_size)
-        if device.type != "cpu" or n < 2 or blockers or (n - 1) * trainable_grad_bytes > AUTO_MAX_EXTRA_GRAD_BYTES:
-            return 1
-        return n
+def _blockers(cfg, device: torch.device, method, model: nn.Module) -> list[str]:
+    """Settings that make sharding unsupported, each written as the user would write it."""
+    out = []
     if device.type != "cpu":
-        raise SlimtuneError(f"cpu_shards={requested} applies to CPU training, but device is {device}; "
-                            f"set cpu_shards=1 (or 0 for auto)")
-    if blockers:
-        raise SlimtuneError(f"cpu_shards={requested} cannot be used with {', '.join(blockers)}: "
-                            f"set cpu_shards=1, or change those settings")
-    if requested > batch_size:
-        raise SlimtuneError(f"cpu_shards={requested} is more than batch_size={batch_size}: every shard needs at "
-                            f"least one sequence; lower cpu_shards or raise batch_size")
-    return requested
+        out.append(f"device {device} (CPU only)")
+    if not method.grads_in_param_grad:
+        out.append(f"method={method.name} (it acts on gradients through hooks)")
+    dropout = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropout:
+        out.append(f"dropout > 0 (in {dropout[0]})")
+    if cfg.runtime.compile:
+        out.append("runtime.compile=true")
+    if cfg.runtime.precision == "fp16":
+        out.append("runtime.precision=fp16")
+    return out
+
+
+def _split_rows(batch, n: int) -> list:
+    """`batch` (a tensor, or a tuple/list/dict of tensors with the same first dimension) as `n` row shards."""
+    if torch.is_tensor(batch):
+        return list(batch.tensor_split(n))
+    if isinstance(batch, dict):
+        parts = {k: _split_rows(v, n) for k, v in batch.items()}
+        return [{k: parts[k][i] for k in batch} for i in range(n)]
+    parts = [_split_rows(v, n) for v in batch]
+    return [type(batch)(p[i] for p in parts) for i in range(n)]
+
+
+@STRATEGIES.register("cpu_shards")
+class CpuShards(Strategy):
+    """Row shards of every micro-batch on one-core threads; gradients added in a fixed order."""
+
+    config_cls = CpuShardsConfig
+    compute_threads = 1
+
+    @classmethod
+    def auto_applies(cls, cfg, device: torch.device, method, model: nn.Module) -> bool:
+        n = min(torch.get_num_threads(), cfg.batch_size)
+        grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        return (n >= 2 and not _blockers(cfg, device, method, model)
+                and (n - 1) * grad_bytes <= AUTO_MAX_EXTRA_GRAD_BYTES)
+
+    def setup(self, device: torch.device) -> torch.device:
+        self.n = self.options.n or min(torch.get_num_threads(), self.cfg.batch_size)
+        if self.n < 2:
+            raise SlimtuneError(f"strategy=cpu_shards needs at least 2 shards; torch has {torch.get_num_threads()} "
+                                f"thread(s) and batch_size={self.cfg.batch_size}: set cpu_shards.n or runtime.threads")
+        if self.n > self.cfg.batch_size:
+            raise SlimtuneError(f"cpu_shards.n={self.n} is more than batch_size={self.cfg.batch_size}: every shard "
+                                f"needs at least one sequence; lower cpu_shards.n or raise batch_size")
+        self._sharded: ShardedBackward | None = None
+        self._precision_autocast = None
+        return device
+
+    def check(self, method, model: nn.Module) -> None:
+        blockers = _blockers(self.cfg, self.device, method, model)
+        if blockers:
+            raise SlimtuneError(f"strategy=cpu_shards cannot be used with {', '.join(blockers)}: use strategy=single, "
+                                f"or change those settings")
+
+    def describe(self) -> str:
+        return f"1 process, {self.n} batch shards"
+
+    def forward_backward(self, model, workload, batches, precision):
+        if self._sharded is None:
+            self._sharded = ShardedBackward(self.n, precision.autocast).__enter__()
+        counts = [workload.count_targets(b) for b in batches]
+        scale = self._loss_scale(sum(counts))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        total = torch.zeros((), device=precision.device)
+        for batch in batches:
+            shards = [(s, 1.0) for s in _split_rows(batch, self.n)]
+            total += self._sharded(lambda b: workload.loss_sum(model, b), shards, scale, trainable).float()
+        return total, sum(counts)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        if self._sharded is None:
+            yield
+        else:
+            with self._sharded.all_cores():
+                yield
+
+    def teardown(self) -> None:
+        if self._sharded is not None:
+            self._sharded.__exit__(None, None, None)
+            self._sharded = None
 
 
 class ShardedBackward:
@@ -147,7 +210,7 @@ class ShardedBackward:
                  trainable: list[torch.Tensor]) -> torch.Tensor:
         """Forward and backward of every shard `(batch, weight)`: loss_fn(batch) * weight * scale is
         back-propagated. Gradients land in the parameters' `.grad`, added in shard order. Returns the detached
-        sum of weight * loss (the whole micro-batch's loss when the weights are the shards' shares)."""
+        sum of weight * loss."""
         if len(shards) != self.n:
             raise ValueError(f"expected {self.n} shards, got {len(shards)}")
         for i in range(1, self.n):

@@ -1,0 +1,168 @@
+"""The Method interface: what is trainable and how it is stepped.
+
+A method is one class registered by name (`@METHODS.register("lora")`, see `slimtune.registry`) with, optionally,
+its own config section (`config_cls`, read with `cfg.section(name)`). The training loop calls these hooks in this
+order and never asks which method is running:
+
+    load_options()                 how the model is loaded (storage dtype, quantize while loading)
+    prepare(model)                 freeze, swap layers, add adapters; returns the model to train
+    build_optimizer(model, ctx)    the optimizer over what trains
+    on_start(step, optimizer)      events before the first step (e.g. which block trains first)
+    ... every step: clip_grad_norm_(model, optimizer, max_norm), then after the optimizer step
+    after_step(step, optimizer)    events such as BAdam's block switch, as metrics records with a message
+    step_metrics(optimizer)        numbers for the metrics log (e.g. optimizer-state bytes)
+    save_weights / load_weights    what a checkpoint stores (full weights, or only adapters)
+    state_dict / load_state_dict   method state beyond the optimizer's own, for exact resume
+    export(model)                  the model to hand to other tools (merged, dequantized, packed)
+    describe(model, optimizer)     one line for the log: trainable parameters, optimizer state vs its formula
+    estimate_memory(...)           bytes per part, for the memory planner
+
+Capabilities that strategies check (class attributes): `fixed_trainable_set` (the set of parameters with
+gradients never changes during a run; DDP needs it) and `grads_in_param_grad` (gradients are plain `.grad`
+accumulations, with no hooks that act on them; batch shards on threads need it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from slimtune.memory import format_bytes
+
+
+@dataclass
+class OptimizerContext:
+    """What a method may need to know to build its optimizer."""
+
+    device: torch.device
+    n_train_examples: int
+    """Examples (windows, conversations) in one pass over the training data."""
+    sequences_per_step: int
+    """Sequences in one optimizer step over all processes (batch_size x grad_accum x world size)."""
+    seed: int
+    verbose: bool
+
+
+def decay_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """AdamW parameter groups: matrices decay; biases and norm weights (every tensor with < 2 dims) never do;
+    embedding matrices decay only if `decay_embeddings`. Tied parameters appear once; frozen ones not at all."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or (not decay_embeddings and id(p) in embedding_ids):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fastest implementation this device has.
+
+    The fused kernel (one pass over all tensors) exists on CUDA, MPS and CPU in recent torch; it updates the
+    parameters with the same arithmetic as the default, so results stay reproducible run to run.
+    """
+    fused = device.type in ("cuda", "cpu", "mps")
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter state (moments, step counters)."""
+    return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
+               if torch.is_tensor(v))
+
+
+def trainable_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Method:
+    """Base class: full training of every parameter with AdamW. Subclasses override what differs."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type | None] = None
+    fixed_trainable_set: ClassVar[bool] = True
+    grads_in_param_grad: ClassVar[bool] = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # a TrainConfig
+        self.options = cfg.section(self.name) if self.config_cls is not None else None
+
+    # -- model ----------------------------------------------------------------------------------------------------
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword options for the model loader (e.g. {"dtype": torch.bfloat16}); empty keeps the config's."""
+        return {}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # -- optimization ---------------------------------------------------------------------------------------------
+
+    def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = decay_groups(model, o.weight_decay, o.decay_embeddings)
+        return adamw(groups, self.cfg.lr, (o.beta1, o.beta2), ctx.device)
+
+    def clip_grad_norm_(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def on_start(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """Events before the first step of a run (or of a resumed run), like `after_step`'s."""
+        return []
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
+        """Events after optimizer step `step`: metrics records (with a "kind") whose "message" is printed."""
+        return []
+
+    def step_metrics(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return {"optimizer_state_bytes": optimizer_state_bytes(optimizer)}
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        from safetensors.torch import save_model
+
+        save_model(model, str(folder / "model.safetensors"))
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        from slimtune.train.checkpoint import load_model_weights
+
+        load_model_weights(model, folder)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def export(self, model: nn.Module) -> nn.Module:
+        return model
+
+    # -- reporting ------------------------------------------------------------------------------------------------
+
+    def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+        n = sum(p.numel() for p in model.parameters())
+        return f"method {self.name}: {trainable_numel(model) / 1e6:.2f}M of {n / 1e6:.2f}M parameters train"
+
+    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
+        """Model-state bytes of this method for a model of `n_params` parameters stored at
+        `weight_bytes_per_param`: {"weights", "gradients", "optimizer"} (the planner adds activations)."""
+        return {"weights": int(n_params * weight_bytes_per_param), "gradients": 4 * n_params,
+                "optimizer": 8 * n_params}
+
+
+def state_line(label: str, measured: int, analytic: int | None = None) -> str:
+    if analytic is None:
+        return f"{label} {format_bytes(measured)}"
+    return f"{label} {format_bytes(measured)} (formula {format_bytes(analytic)})"

@@ -1,0 +1,131 @@
+"""The Strategy interface: where tensors live and how gradients meet.
+
+A strategy is one class registered by name (`@STRATEGIES.register("ddp")`, see `slimtune.registry`), optionally
+with its own config section. The loop calls, in this order:
+
+    setup(device)                  join the processes (if any); returns this rank's device
+    check(method, model)           refuse a method it cannot run, saying why and what to use instead
+    wrap(model)                    the module the forward runs through (e.g. DistributedDataParallel)
+    ... every step:
+    forward_backward(model, workload, batches, precision)
+                                   forward and backward over the micro-batches of one optimizer step, with the
+                                   loss normalised by the target tokens of the whole step on all ranks
+    optimizer_step(optimizer, precision, clip)
+    all_sum / any / gather / barrier   collectives for metrics, stop signals and per-rank state
+    save(write) / evaluating()     checkpoint writing (rank 0 writes; sharded strategies gather first)
+    teardown()
+
+This base class is the single-process behaviour; `single` is exactly it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class Strategy:
+    name: ClassVar[str]
+    config_cls: ClassVar[type | None] = None
+    compute_threads: int | None = None
+    """Threads one product runs on (None: torch's setting); kernel choices are timed at this count."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.options = cfg.section(self.name) if self.config_cls is not None else None
+        self.rank, self.local_rank, self.world_size = 0, 0, 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def auto_applies(cls, cfg, device: torch.device, method, model: nn.Module) -> bool:
+        """Whether `strategy=auto` picks this single-process strategy for this method and model (asked in the
+        order of `slimtune.parallel.AUTO_ORDER`)."""
+        return False
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def setup(self, device: torch.device) -> torch.device:
+        return device
+
+    def check(self, method, model: nn.Module) -> None:
+        pass
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def teardown(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return f"{self.world_size} process(es)"
+
+    # -- one optimizer step ---------------------------------------------------------------------------------------
+
+    def forward_backward(self, model: nn.Module, workload, batches: Sequence[Any], precision) -> tuple[torch.Tensor, int]:
+        """Forward and backward of every micro-batch; gradients are d(sum of token losses)/d(w) / (target tokens of
+        the step on all ranks). Returns (sum of this rank's token losses, detached; this rank's target tokens)."""
+        counts = [workload.count_targets(b) for b in batches]
+        scale = self._loss_scale(sum(counts))
+        total = torch.zeros((), device=precision.device)
+        for i, batch in enumerate(batches):
+            with self._no_sync(model, last=i == len(batches) - 1):
+                with precision.autocast():
+                    loss_sum = workload.loss_sum(model, batch)
+                precision.backward(loss_sum * scale)
+            total += loss_sum.detach().float()
+        return total, sum(counts)
+
+    def _loss_scale(self, local_targets: int) -> float:
+        """1 / (target tokens of this step on all ranks), times the world size that gradient averaging divides by."""
+        (global_targets,) = self.all_sum([float(local_targets)])
+        return self.world_size / max(global_targets, 1.0)
+
+    def _no_sync(self, model: nn.Module, last: bool):
+        return contextlib.nullcontext()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, precision,
+                       clip: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+        precision.unscale_(optimizer)
+        grad_norm = clip() if clip is not None else None
+        precision.step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Around evaluation (e.g. give the threads back to one process-wide pool)."""
+        yield
+
+    # -- collectives ----------------------------------------------------------------------------------------------
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return list(values)
+
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save(self, write: Callable[[], Any]):
+        """Run `write` (which writes one ordinary checkpoint) on rank 0; every rank returns after it is done."""
+        result = write() if self.is_main else None
+        self.barrier()
+        return result
+
+    # -- planning -------------------------------------------------------------------------------------------------
+
+    def estimate_memory(self, parts: dict[str, int]) -> dict[str, int]:
+        """Per-rank bytes from the single-process `parts` (weights, gradients, optimizer, activations...)."""
+        return dict(parts)

@@ -1,0 +1,69 @@
+"""Plain registries for plug-ins: a dict from the name users type (`method=lora`, `strategy=ddp`) to a class.
+
+A class registers itself where it is defined, with a decorator; nothing else in slimtune keeps a list of names or
+branches on them. An unknown name is an error that lists the registered ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable, Generic, TypeVar
+
+from slimtune.errors import SlimtuneError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names → classes for one kind of plug-in (`kind` is the config key that selects one, e.g. "method")."""
+
+    def __init__(self, kind: str, builtin_modules: tuple[str, ...] = ()):
+        self.kind = kind
+        self._classes: dict[str, type[T]] = {}
+        self._builtin_modules = builtin_modules
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: `@METHODS.register("lora")`. The class gets `name` as its `name` attribute."""
+
+        def add(cls: type[T]) -> type[T]:
+            existing = self._classes.get(name)
+            if existing is not None and existing.__qualname__ != cls.__qualname__:
+                raise ValueError(f"{self.kind} {name!r} is registered twice ({existing.__qualname__}, {cls.__qualname__})")
+            cls.name = name
+            self._classes[name] = cls
+            return cls
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        self._classes.pop(name, None)
+
+    def _load_builtins(self) -> None:
+        # Imported on first use so that `import slimtune.config` (and `slimtune --help`) does not import torch.
+        if not self._loaded:
+            self._loaded = True
+            for module in self._builtin_modules:
+                importlib.import_module(module)
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return list(self._classes)
+
+    def classes(self) -> dict[str, type[T]]:
+        self._load_builtins()
+        return dict(self._classes)
+
+    def get(self, name: str) -> type[T]:
+        self._load_builtins()
+        if name not in self._classes:
+            hint = difflib.get_close_matches(name, list(self._classes), n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise SlimtuneError(f"{self.kind}={name!r} is not one of {', '.join(sorted(self._classes))}.{did_you_mean}")
+        return self._classes[name]
+
+
+METHODS: Registry = Registry("method", ("slimtune.methods.full", "slimtune.methods.badam"))
+STRATEGIES: Registry = Registry("strategy", ("slimtune.parallel.single", "slimtune.parallel.ddp",
+                                             "slimtune.parallel.cpu_shards"))

@@ -1,0 +1,218 @@
+"""The loop's correctness: token-weighted gradient accumulation, no NaN checkpoints, fresh runs never pruned against
+old ones, the schedule warning on resume, the cosine schedule, MFU never above 100 %, a pinned-value regression."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import slimtune
+from slimtune.config import TrainConfig, make_config
+from slimtune.errors import SlimtuneError
+from slimtune.train.checkpoint import list_checkpoints
+from tests.conftest import TINY
+from tests.tiny_hf import one_torch_thread, save_tiny_llama  # noqa: F401
+
+
+def _records(out, kind="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _gpt(char_data, out, *extra):
+    return make_config(TrainConfig, overrides=[f"data={char_data}", f"out_dir={out}", *TINY, "log.interval=1",
+                                               "eval.interval=0", "runtime.threads=1", *extra])
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ragged_chat(tmp_path_factory):
+    """Chat records whose answers differ a lot in length: few response tokens in some, many in others."""
+    path = tmp_path_factory.mktemp("chat") / "ragged.jsonl"
+    words = "apple river stone cloud hello world quick brown fox".split()
+    with open(path, "w") as f:
+        for i in range(16):
+            answer = " ".join(words[: 1 + (i * 5) % 9] * (1 + i % 3))
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def test_grad_accum_weighs_every_response_token_equally(llama, ragged_chat, tmp_path):
+    """batch_size=4 grad_accum=1 and batch_size=2 grad_accum=2 give the same gradients on variable-length data."""
+    from slimtune.methods.full import Full
+    from slimtune.models.build import build_model
+    from slimtune.parallel.single import Single
+    from slimtune.train.precision import Precision
+    from slimtune.train.workloads import build_workload
+
+    def grads(batch_size, accum):
+        cfg = make_config(TrainConfig, overrides=[f"model={llama}", f"data={ragged_chat}", f"batch_size={batch_size}",
+                                                  f"optim.grad_accum={accum}", "dataset.val_fraction=0"])
+        cpu = torch.device("cpu")
+        workload = build_workload(cfg, 0, 1, cpu)
+        model = build_model(cfg, workload.model_spec(), Full(cfg).load_options()).model.train()
+        batches = [workload.next_batch() for _ in range(accum)]
+        counts = [workload.count_targets(b) for b in batches]
+        loss, n = Single(cfg).forward_backward(model, workload, batches, Precision(cpu, torch.float32))
+        return {k: p.grad.clone() for k, p in model.named_parameters()}, counts, loss / n
+
+    whole, whole_counts, whole_loss = grads(4, 1)
+    split, split_counts, split_loss = grads(2, 2)
+    assert split_counts[0] != split_counts[1]  # the two micro-batches hold different numbers of response tokens
+    assert sum(split_counts) == whole_counts[0]
+    assert split_loss.item() == pytest.approx(whole_loss.item(), rel=1e-6)
+    for name, g in whole.items():
+        torch.testing.assert_close(split[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fresh_run_is_not_pruned_against_an_older_run(char_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    slimtune.train(_gpt(char_data, out, "max_iters=20", "ckpt.keep_last=1", "ckpt.interval=10"))
+    old_losses = {r["step"]: r["loss"] for r in _records(out)}
+    slimtune.train(_gpt(char_data, out, "max_iters=10", "ckpt.keep_last=1", "resume=never", "ckpt.interval=5"))
+    said = capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(out)] == ["step-000010"]  # the new run's own checkpoint survives
+    archives = list((out / "previous-runs").iterdir())
+    assert len(archives) == 1 and f"moved them to {archives[0]}" in said
+    assert (archives[0] / "step-000020").is_dir()  # nothing of the old run was deleted
+    assert {r["step"]: r["loss"] for r in _records(archives[0])} == old_losses
+    # resume=auto continues the new run, not the old one.
+    result = slimtune.train(_gpt(char_data, out, "max_iters=12", "ckpt.keep_last=1"))
+    assert result.step == 12 and "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in _records(out)] == list(range(1, 13))
+
+
+def test_non_finite_loss_stops_before_any_checkpoint_of_it(char_data, tmp_path, monkeypatch):
+    from slimtune.train import workloads
+
+    real = workloads.LMWorkload.loss_sum
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        calls["n"] += 1
+        loss = real(self, model, batch)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(workloads.LMWorkload, "loss_sum", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SlimtuneError, match=r"loss became nan at step 4; no checkpoint was written"):
+        slimtune.train(_gpt(char_data, out, "max_iters=10", "ckpt.interval=1", "ckpt.keep_last=1",
+                            "strategy=single"))
+    assert [p.name for p in list_checkpoints(out)] == ["step-000003"]  # the last good one is kept
+
+
+def test_changed_schedule_on_resume_is_reported(char_data, tmp_path, capsys):
+    out = tmp_path / "s"
+    slimtune.train(_gpt(char_data, out, "max_iters=4"))
+    capsys.readouterr()
+    slimtune.train(_gpt(char_data, out, "max_iters=6"))
+    said = capsys.readouterr().out
+    assert "decays over 4 steps, this run's over 6" in said and "optim.lr_decay_iters=4" in said
+
+
+def test_learning_rate_schedule_in_the_log(char_data, tmp_path):
+    out = tmp_path / "lr"
+    slimtune.train(_gpt(char_data, out, "max_iters=10", "lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_iters=2",
+                        "optim.lr_decay_iters=8"))
+    lrs = [r["lr"] for r in _records(out)]  # record of step k holds the lr of 0-based optimizer step k-1
+    # Warmup lr*(s+1)/3 for s < 2, then cosine from 1e-3 to 1e-4 over steps 2..8, then the floor.
+    expected = [1e-3 / 3, 2e-3 / 3] + [1e-4 + 0.5 * (1 + math.cos(math.pi * (s - 2) / 6)) * 0.9e-3
+                                       for s in range(2, 8)] + [1e-4, 1e-4]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_mfu_is_never_above_one(char_data, tmp_path, monkeypatch):
+    from slimtune.train import loop
+
+    monkeypatch.setattr(loop, "known_matmul_peak", lambda device, dtype: 1.0)  # a peak far too low
+    out = tmp_path / "m"
+    slimtune.train(_gpt(char_data, out, "max_iters=3"))
+    records = _records(out)
+    assert all(r["mfu"] is None and r["peak_flops_uncertain"] for r in records)
+    assert all(r["flops_per_s"] > 0 for r in records)
+
+
+def test_step_flops_count_only_the_backward_that_runs():
+    from slimtune.models.gpt import GPT, GPTConfig
+    from slimtune.train.flops import step_flops_per_token
+
+    model = GPT(GPTConfig(vocab_size=64, n_layer=4, n_head=2, n_embd=32, block_size=16))
+    n = sum(p.numel() for p in model.parameters())
+    fwd = 2 * n
+    assert step_flops_per_token(model, fwd) == pytest.approx(6 * n)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    top = list(model.transformer.h[3].parameters())
+    for p in top:
+        p.requires_grad_(True)
+    above = sum(p.numel() for p in top) + sum(p.numel() for p in model.transformer.ln_f.parameters())
+    trainable = sum(p.numel() for p in top)
+    assert step_flops_per_token(model, fwd) == pytest.approx(fwd + fwd * above / n + 2 * trainable)
+    assert step_flops_per_token(model, fwd) < 0.5 * 6 * n
+
+
+def test_pinned_losses(char_data, tmp_path):
+    """Fixed seed, tiny GPT, fp32, one thread: the first five losses to 4 decimals. A change here means the
+    numerics of the model, data order, loss or optimizer changed; update the numbers only on purpose."""
+    out = tmp_path / "pin"
+    slimtune.train(_gpt(char_data, out, "max_iters=5", "strategy=single", "runtime.matmul=aten"))
+    losses = [round(r["loss"], 4) for r in _records(out)]
+    assert losses == PINNED, losses
+
+
+PINNED = [4.5518, 4.5381, 4.519, 4.4557, 4.4334]
+
+
+def test_compile_compiles_what_the_loss_really_runs(llama, ragged_chat, monkeypatch):
+    """The chunked loss calls the decoder below the head, never the outer model's forward: compile that."""
+    from slimtune.models.build import build_model
+    from slimtune.train.workloads import build_workload
+
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    cfg = make_config(TrainConfig, overrides=[f"model={llama}", f"data={ragged_chat}", "runtime.compile=true"])
+    workload = build_workload(cfg, 0, 1, torch.device("cpu"))
+    model = build_model(cfg, workload.model_spec(), {}).model
+    workload.compile(model)
+    assert compiled == [model.model]
+
+
+def test_fp16_loss_scaler_state_is_saved_and_restored():
+    from slimtune.train.precision import Precision
+
+    p = Precision(torch.device("cpu"), torch.float16)
+    grown = {**p.scaler.state_dict(), "scale": 1024.0, "_growth_tracker": 7}  # as after many overflow-free steps
+    p.scaler.load_state_dict(grown)
+    state = p.state_dict()
+    assert state["grad_scaler"]["scale"] == 1024.0 and state["grad_scaler"]["_growth_tracker"] == 7
+    q = Precision(torch.device("cpu"), torch.float16)
+    q.load_state_dict(state)
+    assert q.scaler.get_scale() == 1024.0 and q.scaler.state_dict() == state["grad_scaler"]
+    assert Precision(torch.device("cpu"), torch.float32).state_dict() == {}
+
+
+def test_trainer_state_holds_precision_method_and_schedule(char_data, tmp_path):
+    out = tmp_path / "t"
+    slimtune.train(_gpt(char_data, out, "max_iters=2"))
+    state = torch.load(out / "step-000002" / "trainer.pt", weights_only=True)
+    assert state["precision"] == {} and state["method"] == {}
+    assert state["schedule"] == {"decay_iters": 2, "warmup_iters": 2}
+
+
+def test_bf16_fine_tune_runs_end_to_end_on_cpu(llama, ragged_chat, tmp_path):
+    out = tmp_path / "bf16"
+    result = slimtune.train(make_config(TrainConfig, overrides=[
+        f"model={llama}", f"data={ragged_chat}", f"out_dir={out}", "runtime.precision=bf16", "max_iters=3",
+        "batch_size=4", "log.interval=1", "log.progress=false", "log.plot=false", "eval.interval=3",
+        "dataset.val_fraction=0.25"]))
+    losses = [r["loss"] for r in _records(out)]
+    assert result.step == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(result.val_loss)
