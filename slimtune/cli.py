@@ -7,6 +7,7 @@ every key. Problems the user can fix are printed as one line starting with `erro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -56,8 +57,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from slimtune.train.loop import train
+    from slimtune.train.loop import dry_run, train
 
+    if args.dry_run:
+        print(dry_run(_train_config(args.config)))
+        return 0
     result = train(_train_config(args.config))
     return 130 if result.stopped_by_signal else 0
 
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "  slimtune train configs/char_gpt.yaml max_iters=500 batch_size=8",
                        epilog="config keys:\n" + train_help_text())
     p.add_argument("config", nargs="*", help=config_help)
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check the config, data, model path, out_dir and resume target; print the "
+                        "resolved config; train nothing")
 
     p = sub.add_parser("sample", help="generate text from a checkpoint",
                        description="Generate text from a step-NNNNNN checkpoint folder written by slimtune train.")
@@ -297,6 +304,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: a user mistake is always a SlimtuneError, raised where it is detected
+        path = _save_traceback(args)
+        print(f"error: internal error ({type(exc).__name__}: {exc}). This is a bug in slimtune, not a mistake in "
+              f"your input; the traceback is saved in {path}. Please report it with that file.", file=sys.stderr)
+        return 1
+
+
+def _save_traceback(args: argparse.Namespace) -> Path:
+    """Write the current exception's traceback into the run's out_dir (train) or a temporary folder."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = Path(tempfile.gettempdir())
+    for item in getattr(args, "config", None) or []:
+        if item.startswith("out_dir="):
+            folder = Path(item.split("=", 1)[1])
+    name = f"slimtune-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(f"slimtune {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    except OSError:
+        path = Path(tempfile.gettempdir()) / name
+        path.write_text(traceback.format_exc())
+    return path
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ def resolve_source(name_or_path: str) -> str:
 def open_causal_lm(name_or_path: str, device: str = "auto", trust_remote_code: bool = False):
     """(model in eval mode on the device, tokenizer) for inference."""
     from slimtune.hardware import pick_device
-    from slimtune.models.hf import load_causal_lm
 
-    model, tokenizer = load_causal_lm(resolve_source(name_or_path), trust_remote_code=trust_remote_code)
+    resolved = resolve_source(name_or_path)
+    model, tokenizer = checkpoint_method(resolved).load_for_inference(Path(resolved), trust_remote_code)
     return model.to(pick_device(device)).eval(), tokenizer
 
 
@@ -108,17 +108,22 @@ def evaluate_file(model, tokenizer, data: str, max_seq_len: int = 512, batch_siz
     return EvalReport(len(examples), loss, math.exp(loss) if loss is not None else None, scored, acc, shown)
 
 
-def export(source: str, out_dir: str, overwrite: bool = False) -> Path:
-    """Write `source` (a checkpoint, out_dir or model) as a plain Hugging Face folder that loads without slimtune."""
-    from slimtune.models.hf import export_model, load_causal_lm, load_tokenizer
+def checkpoint_method(source: str):
+    """The method that wrote `source` (a checkpoint folder: from its config.yaml), or the `full` method for any other
+    model (a Hugging Face folder, a GGUF file, a built-in name): export and inference go through its hooks."""
+    import yaml
 
+    from slimtune import methods
+    from slimtune.config import TrainConfig, make_config
+
+    config = Path(source) / "config.yaml"
+    base = yaml.safe_load(config.read_text()) if config.is_file() and (Path(source) / "trainer.pt").is_file() else None
+    return methods.create(make_config(TrainConfig, base=base or {"model": str(source)}))
+
+
+def export(source: str, out_dir: str, overwrite: bool = False, **options) -> Path:
+    """Write `source` (a checkpoint, out_dir or model) as a folder other tools load without slimtune; how is the
+    method's business (`Method.export_checkpoint`; `options` are its export options, e.g. merge)."""
     resolved = resolve_source(source)
-    path = Path(resolved)
-    if (path / "model_config.json").is_file() and ckpt_io.read_model_config(path).get("kind") == "hf-classifier":
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-        tokenizer = load_tokenizer(path)
-    else:
-        model, tokenizer = load_causal_lm(resolved)
-    return export_model(model, tokenizer, out_dir, merge_in_place=True, overwrite=overwrite)
+    return checkpoint_method(resolved).export_checkpoint(Path(resolved), Path(out_dir), overwrite=overwrite,
+                                                         **options)

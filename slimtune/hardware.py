@@ -29,11 +29,14 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SlimtuneError(f"device={name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise SlimtuneError(f"device {name!r} is not a torch device; use auto, cpu, cuda, cuda:N or mps "
+                            f"(runtime.device for train, --device for the other verbs)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SlimtuneError(f"device={name} asked for, but this machine has no CUDA GPU; use device=auto or cpu")
+        raise SlimtuneError(f"device {name} asked for, but this machine has no CUDA GPU; use auto or cpu "
+                            f"(runtime.device for train, --device for the other verbs)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SlimtuneError(f"device={name} asked for, but MPS is not available; use device=auto or cpu")
+        raise SlimtuneError(f"device {name} asked for, but MPS is not available; use auto or cpu "
+                            f"(runtime.device for train, --device for the other verbs)")
     return device
 
 
@@ -138,7 +141,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if native_bf16(device) else torch.float32
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if dtype == torch.float16 and device.type == "cpu":
-        raise SlimtuneError("precision=fp16 is not supported on CPU; use precision=auto or fp32")
+        raise SlimtuneError("runtime.precision=fp16 is not supported on CPU; use runtime.precision=auto or fp32")
     return dtype
 
 

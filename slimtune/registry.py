@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import pkgutil
 from typing import Callable, Generic, TypeVar
 
 from slimtune.errors import SlimtuneError
@@ -18,10 +19,10 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Names → classes for one kind of plug-in (`kind` is the config key that selects one, e.g. "method")."""
 
-    def __init__(self, kind: str, builtin_modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, package: str):
         self.kind = kind
         self._classes: dict[str, type[T]] = {}
-        self._builtin_modules = builtin_modules
+        self._package = package
         self._loaded = False
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
@@ -41,11 +42,14 @@ class Registry(Generic[T]):
         self._classes.pop(name, None)
 
     def _load_builtins(self) -> None:
-        # Imported on first use so that `import slimtune.config` (and `slimtune --help`) does not import torch.
+        # Every module of the package registers what it defines when imported. Imported on first use, so that
+        # `import slimtune.config` (and `slimtune --help`) does not import torch; optional libraries (peft,
+        # bitsandbytes, deepspeed) are imported by the plug-ins only when they are used.
         if not self._loaded:
             self._loaded = True
-            for module in self._builtin_modules:
-                importlib.import_module(module)
+            package = importlib.import_module(self._package)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self._package}.{info.name}")
 
     def names(self) -> list[str]:
         self._load_builtins()
@@ -64,6 +68,5 @@ class Registry(Generic[T]):
         return self._classes[name]
 
 
-METHODS: Registry = Registry("method", ("slimtune.methods.full", "slimtune.methods.badam"))
-STRATEGIES: Registry = Registry("strategy", ("slimtune.parallel.single", "slimtune.parallel.ddp",
-                                             "slimtune.parallel.cpu_shards"))
+METHODS: Registry = Registry("method", "slimtune.methods")
+STRATEGIES: Registry = Registry("strategy", "slimtune.parallel")

@@ -89,7 +89,8 @@ def resolve_chat_template(tokenizer, template: str | None = None) -> str:
     if not own:
         raise SlimtuneError(
             f"the tokenizer has no chat template, so conversations cannot be formatted; choose a fallback template "
-            f"with template=NAME, one of: {', '.join(CHAT_TEMPLATES)}"
+            f"(dataset.chat_template=NAME for train, --chat-template NAME for chat/generate/eval), one of: "
+            f"{', '.join(CHAT_TEMPLATES)}"
         )
     return own
 
@@ -457,8 +458,9 @@ def split_samples(samples: list, val_fraction: float, seed: int, source: str = "
     n = len(samples)
     n_val = max(1, round(n * val_fraction))
     if n_val >= n:
-        raise SlimtuneError(f"{source}: val_fraction={val_fraction} of {n} records leaves nothing to train on; "
-                            "add records, lower val_fraction or give a separate validation file")
+        raise SlimtuneError(f"{source}: dataset.val_fraction={val_fraction} of {n} records leaves nothing to train "
+                            "on; add records, lower dataset.val_fraction or give a separate validation file "
+                            "(dataset.val_data)")
     order = list(range(n))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])

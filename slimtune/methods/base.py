@@ -13,7 +13,8 @@ order and never asks which method is running:
     step_metrics(optimizer)        numbers for the metrics log (e.g. optimizer-state bytes)
     save_weights / load_weights    what a checkpoint stores (full weights, or only adapters)
     state_dict / load_state_dict   method state beyond the optimizer's own, for exact resume
-    export(model)                  the model to hand to other tools (merged, dequantized, packed)
+    load_for_inference(source)     (model, tokenizer) of a checkpoint it wrote, for chat/generate/eval
+    export_checkpoint(source, out) a folder other tools load (merged, dequantized, packed)
     describe(model, optimizer)     one line for the log: trainable parameters, optimizer state vs its formula
     estimate_memory(...)           bytes per part, for the memory planner
 
@@ -31,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from slimtune.errors import SlimtuneError
 from slimtune.memory import format_bytes
 
 
@@ -146,8 +148,30 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def export(self, model: nn.Module) -> nn.Module:
-        return model
+    # -- export and inference -------------------------------------------------------------------------------------
+
+    def load_for_inference(self, source: Path, trust_remote_code: bool = False):
+        """(model, tokenizer) of a checkpoint this method wrote, or of any model slimtune loads (`source`)."""
+        from slimtune.models.hf import load_causal_lm
+
+        return load_causal_lm(source, trust_remote_code=trust_remote_code)
+
+    def export_checkpoint(self, source: Path, out_dir: Path, *, overwrite: bool = False, **options) -> Path:
+        """Write `source` as a plain Hugging Face folder (safetensors) that transformers loads without slimtune.
+        `options`: a method's own export options (the base method takes none)."""
+        from slimtune.models.hf import export_model, load_tokenizer
+        from slimtune.train import checkpoint as ckpt_io
+
+        if options:
+            raise SlimtuneError(f"method={self.name} has no export option {', '.join(options)}")
+        if (source / "model_config.json").is_file() and ckpt_io.read_model_config(source).get("kind") == "hf-classifier":
+            from transformers import AutoModelForSequenceClassification
+
+            model = AutoModelForSequenceClassification.from_pretrained(str(source), local_files_only=True)
+            tokenizer = load_tokenizer(source)
+        else:
+            model, tokenizer = self.load_for_inference(source)
+        return export_model(model, tokenizer, out_dir, merge_in_place=True, overwrite=overwrite)
 
     # -- reporting ------------------------------------------------------------------------------------------------
 

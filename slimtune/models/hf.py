@@ -351,7 +351,7 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_i
     if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
         if not overwrite:
             raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder "
-                                "or pass overwrite=True")
+                                "or pass --overwrite")
     plain = merge_peft(model, in_place=merge_in_place)
     tmp = _make_tmp_dir(out_dir)
     try:

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from slimtune.backends import cpu as cpu_backend
+from slimtune import methods
 from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import known_matmul_peak, pick_device, resolve_precision
@@ -28,12 +29,11 @@ from slimtune.memory import format_bytes, peak_memory_bytes
 from slimtune.methods.base import OptimizerContext
 from slimtune.models.build import build_model
 from slimtune.parallel import finish_auto_choice, start_strategy
-from slimtune.registry import METHODS
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.flops import step_flops_per_token
 from slimtune.train.logging import MetricsLog, Progress, plot_losses
 from slimtune.train.precision import Precision
-from slimtune.train.schedule import cosine_with_warmup
+from slimtune.train.schedule import cosine_with_warmup, schedule_warnings
 from slimtune.train.workloads import build_workload
 
 
@@ -129,7 +129,7 @@ def setup(cfg: TrainConfig) -> Run:
     strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
     device = strategy.device
     precision = Precision(device, resolve_precision(cfg.runtime.precision, device))
-    method = METHODS.get(cfg.method)(cfg)
+    method = methods.create(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, strategy.rank, strategy.world_size, device)
@@ -150,11 +150,44 @@ def setup(cfg: TrainConfig) -> Run:
     start_or_resume(run)
     run.forward_model = strategy.wrap(model)
     run.flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))
+    o = cfg.optim
+    if o.decay_lr:
+        for warning in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters, run.decay_iters()):
+            run.say(f"warning: {warning}")
     run.say(f"model: {built.description}; {workload.describe()} | {method.describe(model, optimizer)} | "
             f"strategy {strategy.name}: {strategy.describe()} | device {device} {precision.name}"
             f"{' | ' + backend if backend else ''} | "
             f"{cfg.batch_size * cfg.optim.grad_accum * strategy.world_size} sequences/step")
     return run
+
+
+def dry_run(cfg: TrainConfig) -> str:
+    """Resolve and check everything a run needs (config, out_dir, resume target, data files, tokenizer and model
+    path) without training or writing anything; returns the report `slimtune train --dry-run` prints."""
+    import yaml
+
+    from slimtune.models.hf import resolve_model
+
+    out_dir = Path(cfg.out_dir)
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists() or p == Path(p.anchor or "."))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SlimtuneError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
+    if existing.exists() and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+        raise SlimtuneError(f"out_dir={out_dir} cannot be created or written ({existing} is not a writable folder)")
+    if not cfg.is_gpt:
+        resolve_model(cfg.model)
+    ckpt = ckpt_io.resolve_resume(cfg.resume, out_dir, warn=lambda text: None)
+    workload = build_workload(cfg, 0, 1, torch.device("cpu"))
+    method = methods.create(cfg)
+    lines = ["resolved config:", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
+             f"data: {workload.describe()}",
+             f"method: {method.name}; strategy: {cfg.strategy}",
+             f"start: {'resume from ' + str(ckpt) if ckpt else 'fresh'} (out_dir {out_dir})"]
+    o = cfg.optim
+    if o.decay_lr:
+        lines += [f"warning: {w}" for w in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters,
+                                                              o.lr_decay_iters or cfg.max_iters)]
+    return "\n".join(lines + ["dry run: everything resolved; nothing was trained or written"])
 
 
 def check_out_dir(out_dir: Path) -> Path:
@@ -199,7 +232,7 @@ def start_or_resume(run: Run) -> None:
     try:
         run.optimizer.load_state_dict(ckpt_io.load_state(ckpt, "optimizer.pt"))
     except (ValueError, KeyError, RuntimeError, SlimtuneError) as exc:
-        raise SlimtuneError(f"{ckpt}/optimizer.pt does not fit this run's optimizer (method={cfg.method}): {exc}. "
+        raise SlimtuneError(f"{ckpt}/optimizer.pt does not fit this run's optimizer (method={run.method.name}): {exc}. "
                             f"Resume with the method the checkpoint was trained with, or start fresh with "
                             f"resume=never.") from None
     state = ckpt_io.load_state(ckpt, "trainer.pt")

@@ -100,7 +100,8 @@ def test_no_chat_template_and_none_chosen_lists_the_names(tok_no_template):
 
 def test_no_chat_template_error_from_loading_a_file(tmp_path, tok_no_template):
     path = write_jsonl(tmp_path / "d.jsonl", [chat("a", "b")])
-    with pytest.raises(SlimtuneError, match="template=NAME, one of: chatml, alpaca"):
+    with pytest.raises(SlimtuneError, match=r"dataset.chat_template=NAME for train, --chat-template NAME for "
+                                             r"chat/generate/eval\), one of: chatml, alpaca"):
         load_instruction_data(path, tok_no_template, max_seq_len=64)
     train, _ = load_instruction_data(path, tok_no_template, max_seq_len=64, template="chatml")
     assert len(train) == 1
