@@ -61,6 +61,14 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
     """Median time of `steps` training steps after `warmup` untimed ones."""
     if not cfg.is_gpt:
         raise SlimtuneError("slimtune bench times slimtune's GPT (model=gpt) from its gpt.* keys")
+    threads = torch.get_num_threads()
+    try:
+        return _run_bench(cfg, steps, warmup, vocab_size)
+    finally:
+        torch.set_num_threads(threads)  # runtime.threads holds for the benchmark only
+
+
+def _run_bench(cfg: TrainConfig, steps: int, warmup: int, vocab_size: int) -> BenchResult:
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     strategy = start_strategy(cfg, pick_device(cfg.runtime.device))

@@ -109,11 +109,15 @@ class _StopRequest:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train according to `cfg`; returns where it ended. Resumes from `out_dir` per `cfg.resume`."""
-    run = setup(cfg)
+    threads = torch.get_num_threads()  # runtime.threads holds for this run only, not for the calling process
     try:
-        return fit(run)
+        run = setup(cfg)
+        try:
+            return fit(run)
+        finally:
+            run.strategy.teardown()
     finally:
-        run.strategy.teardown()
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
