@@ -124,6 +124,9 @@ def checkpoint_method(source: str):
 def export(source: str, out_dir: str, overwrite: bool = False, **options) -> Path:
     """Write `source` (a checkpoint, out_dir or model) as a folder other tools load without slimtune; how is the
     method's business (`Method.export_checkpoint`; `options` are its export options, e.g. merge)."""
+    from slimtune.models.hf import check_export_folder
+
+    check_export_folder(out_dir, overwrite)
     resolved = resolve_source(source)
     return checkpoint_method(resolved).export_checkpoint(Path(resolved), Path(out_dir), overwrite=overwrite,
                                                          **options)

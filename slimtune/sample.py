@@ -30,8 +30,14 @@ def find_checkpoint(path: str | Path) -> Path:
 def load_gpt_checkpoint(path: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, tokenizer, checkpoint folder) from a checkpoint or out_dir."""
     ckpt = find_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt_io.read_model_config(ckpt)))
-    ckpt_io.load_model_weights(model, ckpt)
+    from slimtune.finetune import checkpoint_method
+
+    # The method that trained it rebuilds its layers (qat, bitnet) and state (bitnet's quantization strength)
+    # before the weights load.
+    method = checkpoint_method(str(ckpt))
+    model = method.prepare(GPT(GPTConfig(**ckpt_io.read_model_config(ckpt))))
+    method.load_state_dict(ckpt_io.load_state(ckpt, "trainer.pt").get("method", {}))
+    method.load_weights(model, ckpt)
     meta_path = ckpt / "meta.json"
     if not meta_path.is_file():
         raise SlimtuneError(f"{ckpt} has no meta.json (tokenizer description); it was not written by slimtune train")

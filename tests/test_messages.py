@@ -19,6 +19,8 @@ API_ARGUMENTS = {
     "quant/arith.py": {"bits"},
     "quant/bitnet.py": {"bias"},
     "quant/pack.py": {"linear_class", "out_features", "quantization_mode"},
+    "quant/load.py": {"linear_class", "quantization_mode"},  # fields of transformers' quantization_config
+    "methods/bitnet.py": {"lam"},  # BitLinear's quantization strength, reported, not set by a key
     "plan/spec.py": {"hidden", "mlp", "n_heads", "n_kv_heads", "norm"},
     "plan/activations.py": {"attention", "backward_from_layer"},
     "cli.py": {"key"},

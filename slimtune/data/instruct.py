@@ -191,7 +191,7 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
     if not path.is_file():
         raise SlimtuneError(f"data file {path} does not exist")
     if path.suffix.lower() == ".json":
-        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM
+        text = _decode(path.read_bytes(), path, 1)
         if not text.strip():
             return
         try:
@@ -207,8 +207,9 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
                 raise SlimtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
             yield where, record
         return
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -220,6 +221,16 @@ def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
             if not isinstance(record, dict):
                 raise SlimtuneError(f"{where}: expected a JSON object, found {type(record).__name__}")
             yield where, record
+
+
+def _decode(data: bytes, path: Path, first_line: int) -> str:
+    """`data` (a file, or one line of it starting at line `first_line`) as UTF-8 text (a BOM tolerated)."""
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data[:exc.start].count(b"\n")
+        raise SlimtuneError(f"{path}:{line}: not valid UTF-8 (byte {data[exc.start]:#04x}); save the file as "
+                            f"UTF-8") from None
 
 
 def _require_records(samples: list, path: str | Path) -> list:

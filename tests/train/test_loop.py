@@ -216,3 +216,23 @@ def test_bf16_fine_tune_runs_end_to_end_on_cpu(llama, ragged_chat, tmp_path):
     losses = [r["loss"] for r in _records(out)]
     assert result.step == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert math.isfinite(result.val_loss)
+
+
+@pytest.mark.parametrize("mode", ["random", "ascending", "descending", "fixed"])
+def test_badam_through_the_loop_logs_blocks_and_resumes_exactly(char_data, tmp_path, mode, capsys):
+    badam = ["method=badam", "badam.switch_every=3", f"badam.switch_mode={mode}", "optim.lr_decay_iters=8"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    slimtune.train(_gpt(char_data, straight, *badam, "max_iters=8"))
+    assert "BAdam trains block" in capsys.readouterr().out
+    slimtune.train(_gpt(char_data, resumed, *badam, "max_iters=4"))
+    slimtune.train(_gpt(char_data, resumed, *badam, "max_iters=8"))
+    a, b = _records(straight), _records(resumed)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["block"] for r in a] == [r["block"] for r in b]
+    # Adam's state of a block exists from its first step until the switch away from it (steps 3, 6: just switched).
+    assert all((r["optimizer_state_bytes"] > 0) == (r["step"] % 3 != 0 or mode == "fixed") for r in a)
+    switches = _records(straight, "switch")
+    assert [s["step"] for s in switches] == ([0] if mode == "fixed" else [0, 3, 6])
+    assert all(s["analytic_state_bytes"] > 0 and s["block"] for s in switches)
+    if mode == "ascending":
+        assert [s["block"] for s in switches] == ["transformer.h.0.", "transformer.h.1.", "transformer.h.0."]
