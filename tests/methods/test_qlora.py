@@ -1,0 +1,207 @@
+"""method=qlora: a 4-bit frozen base (bitsandbytes NF4, double quantization) under peft LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from slimtune import cli
+from slimtune.config import TrainConfig, make_config
+from slimtune.errors import SlimtuneError
+from tests.tiny_hf import one_torch_thread, save_tiny_llama  # noqa: F401
+
+peft = pytest.importorskip("peft")
+
+FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_iters=2", "dataset.max_seq_len=64",
+        "batch_size=4", "runtime.threads=1", "dataset.val_fraction=0", "eval.interval=0", "log.interval=1",
+        "optim.weight_decay=0"]
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    from slimtune.tasks import make_examples, write_jsonl
+
+    return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")
+
+
+def train_args(model, data, out, *extra):
+    return ["train", f"model={model}", f"data={data}", f"out_dir={out}", *FAST, "lr=3e-3", "method=qlora", *extra]
+
+
+def losses(out) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+
+
+def test_base_linears_are_4bit_and_frozen_and_only_adapters_change(llama_dir, chat_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from slimtune.train.loop import fit, setup
+
+    cfg = make_config(TrainConfig, overrides=train_args(llama_dir, chat_file, tmp_path / "o", "max_iters=6")[1:])
+    run = setup(cfg)
+    try:
+        quantized = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(quantized) == 2 * 7  # every projection of both blocks; the head stays as it is
+        for m in quantized:
+            assert m.weight.dtype == torch.uint8 and not m.weight.requires_grad
+            assert m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested  # double quantization
+        embed = run.model.get_input_embeddings().weight
+        assert embed.dtype == torch.float32 and not embed.requires_grad  # not upcast, not trained
+        trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        fit(run)
+    finally:
+        run.strategy.teardown()
+    after = run.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert {k for k in before if "lora_B" in k} <= changed
+    run_losses = losses(tmp_path / "o")
+    assert run_losses[6] < run_losses[1]
+
+
+def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    args = lambda out: train_args(llama_dir, chat_file, out, "max_iters=6", "ckpt.interval=3",  # noqa: E731
+                                  "ckpt.keep_last=0", "qlora.dropout=0.1")
+    assert cli.main(args(tmp_path / "straight")) == 0
+    assert cli.main(args(tmp_path / "stopped")) == 0
+    shutil.rmtree(tmp_path / "stopped" / "step-000006")
+    assert cli.main(args(tmp_path / "stopped")) == 0
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(a) == list(range(1, 7)) and a == b
+
+
+def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, chat_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.finetune import open_causal_lm
+
+    out = tmp_path / "run"
+    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=4")) == 0
+    ours, _ = open_causal_lm(str(out), device="cpu")
+    assert cli.main(["export", str(out), str(tmp_path / "merged"), "--merge"]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config
+    weights = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    with torch.no_grad():
+        assert (merged(IDS).logits - ours(IDS).logits).abs().max() < 1e-4
+    # The checkpoint's adapter also loads with plain peft on the same 4-bit base, giving the same logits.
+    from transformers import BitsAndBytesConfig
+
+    quantized = AutoModelForCausalLM.from_pretrained(
+        llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+    plain = peft.PeftModel.from_pretrained(quantized, str(out / "step-000004")).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(IDS).logits, ours(IDS).logits)
+
+
+def test_missing_bitsandbytes_names_the_extra(llama_dir, monkeypatch):
+    from slimtune import methods
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes → ImportError
+    cfg = make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora"])
+    with pytest.raises(SlimtuneError, match=r"method=qlora needs bitsandbytes.*pip install 'slimtune\[qlora\]'"):
+        methods.create(cfg).load_options()
+
+
+def test_bad_qlora_keys(llama_dir):
+    with pytest.raises(SlimtuneError, match="qlora.quant_type='int3' is not one of nf4, fp4"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.quant_type=int3"])
+    with pytest.raises(SlimtuneError, match="qlora.r must be a positive integer"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.r=-1"])
+    with pytest.raises(SlimtuneError, match="model=gpt is built from scratch"):
+        from slimtune import methods
+
+        methods.create(make_config(TrainConfig, overrides=["method=qlora"])).load_options()
+
+
+def test_8bit_adamw_from_bitsandbytes():
+    pytest.importorskip("bitsandbytes")
+    from types import SimpleNamespace
+
+    import bitsandbytes as bnb
+
+    from slimtune.config import TrainConfig, make_config
+    from slimtune.methods.base import build_adam
+
+    def cfg(name):
+        return SimpleNamespace(lr=1e-2, optim=SimpleNamespace(name=name, beta1=0.9, beta2=0.99))
+
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    optimizer = build_adam([{"params": [weight], "weight_decay": 0.0}], cfg("adamw8bit"), torch.device("cpu"))
+    assert isinstance(optimizer, bnb.optim.AdamW8bit)
+    before = weight.detach().clone()
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    assert not torch.equal(before, weight) and optimizer.state[weight]["state1"].dtype == torch.uint8
+    with pytest.raises(SlimtuneError, match="optim.name='sgd' is not one of adamw, adamw8bit, paged_adamw8bit"):
+        make_config(TrainConfig, overrides=["optim.name=sgd"])
+    assert make_config(TrainConfig, overrides=["optim.name=adamw8bit"]).optim.name == "adamw8bit"
+
+
+@pytest.mark.slow
+def test_qlora_on_smollm2_quantizes_every_projection_and_learns(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from slimtune.models.hf import builtin_gguf_path
+    from slimtune.tasks import make_examples, write_jsonl
+    from slimtune.train.loop import fit, setup
+
+    try:
+        builtin_gguf_path("smollm2-135m")
+    except SlimtuneError as exc:
+        pytest.skip(str(exc))
+    data = write_jsonl(make_examples(64, seed=0), tmp_path / "reverse.jsonl")
+    cfg = make_config(TrainConfig, overrides=train_args("smollm2-135m", data, tmp_path / "o", "max_iters=12",
+                                                        "lr=2e-3", "optim.warmup_iters=1")[1:])
+    run = setup(cfg)
+    try:
+        quantized = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(quantized) == 30 * 7 and all(m.weight.dtype == torch.uint8 for m in quantized)
+        assert all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
+        fit(run)
+    finally:
+        run.strategy.teardown()
+    run_losses = losses(tmp_path / "o")
+    assert sum(run_losses[s] for s in (11, 12)) < 0.8 * sum(run_losses[s] for s in (1, 2))
+
+
+def test_merged_export_requantized_on_request(llama_dir, chat_file, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=2")) == 0
+    assert cli.main(["export", str(out), str(tmp_path / "q"), "--quantize", "nf4"]) == 2
+    assert "add --merge" in capsys.readouterr().err
+    assert cli.main(["export", str(out), str(tmp_path / "fp32"), "--merge"]) == 0
+    assert cli.main(["export", str(out), str(tmp_path / "q"), "--merge", "--quantize", "nf4"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    requantized = AutoModelForCausalLM.from_pretrained(tmp_path / "q", local_files_only=True, device_map="cpu").eval()
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in requantized.modules()) == 2 * 7
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", local_files_only=True).eval()
+    with torch.no_grad():
+        a, b = requantized(IDS).logits, merged(IDS).logits
+    assert (a - b).abs().max() < 0.1 * b.abs().max()  # close, not equal: 4 bits lose precision
