@@ -56,6 +56,7 @@ from slimtune.errors import SlimtuneError
 __all__ = [
     "ACTIVATION_BITS",
     "BitLinear",
+    "PackedBitLinear",
     "RMSNorm",
     "quantize_activations",
     "quantize_weight",
@@ -227,3 +228,32 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam={self._lam}"
+
+
+class PackedBitLinear(nn.Module):
+    """Inference layer for an exported (packed) BitNet weight: the ternary codes unpacked once.
+
+    Buffers ``weight`` (int8 codes in {-1, 0, 1}, shape ``(out, in)``) and ``weight_scale`` (shape ``(1,)``, the
+    *inverse* scale ``1 / mean|W|``, as transformers' ``bitlinear`` stores it), optional ``rms_norm``. The forward
+    is `BitLinear`'s at ``lam=1`` for the weight these codes came from, bit for bit: weight ``codes / weight_scale``
+    and per-token int8 inputs.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.rms_norm = RMSNorm(in_features, rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
+        self.compute_dtype = dtype or torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        inv_scale = self.weight_scale.float().reshape(())
+        weight = (self.weight.float() / inv_scale).to(x.dtype)
+        return F.linear(quantize_activations(x), weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ternary (unpacked)"
