@@ -125,6 +125,9 @@ class DatasetSection:
 class OptimSection:
     """The optimizer and the learning-rate schedule (every method builds its optimizer from these)."""
 
+    name: str = "adamw"
+    """Optimizer: adamw (torch's AdamW, fused where the device has it), adamw8bit or paged_adamw8bit (bitsandbytes:
+    8-bit moments, 2 bytes per trainable parameter instead of 8; needs the qlora extra). Every method uses it."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (per process under DDP)."""
     weight_decay: float = 0.1
@@ -147,6 +150,7 @@ class OptimSection:
     """Use the warmup + cosine schedule; false keeps lr constant."""
 
     def __post_init__(self):
+        check_choice("optim.name", self.name, ("adamw", "adamw8bit", "paged_adamw8bit"))
         if self.grad_accum <= 0:
             raise SlimtuneError(f"optim.grad_accum must be a positive integer, got {self.grad_accum}")
         if self.warmup_iters < 0:
@@ -225,6 +229,9 @@ class RuntimeSection:
     cpu_allocator: str = "keep"
     """How glibc (Linux) treats freed CPU buffers: keep (reuse them: no page faults per step), system (glibc's
     defaults), or release (return large buffers to the OS: lower peak, slower; see docs/BENCHMARKS.md)."""
+    check_fit: bool = True
+    """Before loading the model, refuse a run whose predicted peak memory (see `slimtune estimate`) exceeds the
+    device's memory; false starts it anyway."""
 
     def __post_init__(self):
         check_choice("runtime.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))

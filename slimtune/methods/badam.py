@@ -910,7 +910,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from slimtune.config import check_choice as _check_key_choice  # noqa: E402
-from slimtune.methods.base import Method, OptimizerContext, adamw, decay_groups  # noqa: E402
+from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups  # noqa: E402
 from slimtune.registry import METHODS  # noqa: E402
 
 
@@ -949,8 +949,7 @@ class BAdam(Method):
 
     def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> BlockOptimizer:
         o, b = self.cfg.optim, self.options
-        base = adamw(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg.lr, (o.beta1, o.beta2),
-                     ctx.device)
+        base = build_adam(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg, ctx.device)
         named = list(model.named_parameters())
         prefixes = auto_block_prefixes(named, granularity=b.granularity, include_embedding=b.include_embedding,
                                        include_lm_head=b.include_lm_head)
@@ -988,11 +987,17 @@ class BAdam(Method):
         return (f"method badam: {optimizer.n_blocks} blocks, switching every {optimizer.switch_block_every} steps "
                 f"({optimizer.switch_mode})")
 
-    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
-        # One of D blocks trains: its fp32 gradients and moments (12 bytes) plus, for low-precision weights, an
-        # fp32 master copy (4 more): W + 12N/D for fp32 weights, W + 16N/D for bf16/fp16 (the BAdam paper's 2M + 16M/D).
-        n_blocks = max(1, self.cfg.gpt.n_layer if self.cfg.is_gpt else 1)
-        active = n_params // n_blocks
-        master = 4 * active if weight_bytes_per_param < 4 else 0
-        return {"weights": int(n_params * weight_bytes_per_param) + master, "gradients": 4 * active,
-                "optimizer": 8 * active}
+    def estimate_memory(self, spec, run):
+        # All weights at their storage size; the active block's fp32 gradient, moments and (for 16-bit weights)
+        # master copy: the paper's 2M + 16M/D, with the largest real block as M/D. Activations for the worst
+        # block, the first layer: backward then runs through every layer.
+        from slimtune.plan.estimate import activation_bytes, badam_state
+
+        if run.eight_bit:
+            raise SlimtuneError("method=badam steps its active block with torch AdamW; optimizer adamw8bit is not "
+                                "available for it (use adamw)")
+        b = self.options
+        states = badam_state(spec, run.weight_dtype, granularity=b.granularity,
+                             include_embedding=b.include_embedding,
+                             include_head=b.include_lm_head and not spec.tied_embeddings)
+        return states + activation_bytes(spec, run.batch, run.seq, **run.activation_options(trainable_layers=(0,)))

@@ -16,7 +16,7 @@ order and never asks which method is running:
     load_for_inference(source)     (model, tokenizer) of a checkpoint it wrote, for chat/generate/eval
     export_checkpoint(source, out) a folder other tools load (merged, dequantized, packed)
     describe(model, optimizer)     one line for the log: trainable parameters, optimizer state vs its formula
-    estimate_memory(...)           bytes per part, for the memory planner
+    estimate_memory(spec, run)     peak bytes per part on one device (slimtune.plan), for the planner
 
 Capabilities that strategies check (class attributes): `fixed_trainable_set` (the set of parameters with
 gradients never changes during a run; DDP needs it) and `grads_in_param_grad` (gradients are plain `.grad`
@@ -27,13 +27,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.memory import format_bytes
+from slimtune.plan.settings import NoEstimate
+
+if TYPE_CHECKING:
+    from slimtune.plan.estimate import ModelSpec, Plan
+    from slimtune.plan.settings import RunSettings
 
 
 @dataclass
@@ -77,6 +82,19 @@ def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], devic
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
 
 
+def build_adam(groups: list[dict], cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as `optim.name` says: adamw (torch, fused), adamw8bit or paged_adamw8bit (bitsandbytes: moments in 8
+    bits, 2 bytes per trainable parameter instead of 8)."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return adamw(groups, cfg.lr, (o.beta1, o.beta2), device)
+    from slimtune.methods.lora import require_bitsandbytes
+
+    bnb = require_bitsandbytes(f"optim.name={o.name}")
+    cls = bnb.optim.AdamW8bit if o.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+    return cls(groups, lr=cfg.lr, betas=(o.beta1, o.beta2))
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (moments, step counters)."""
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()
@@ -112,8 +130,7 @@ class Method:
 
     def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = decay_groups(model, o.weight_decay, o.decay_embeddings)
-        return adamw(groups, self.cfg.lr, (o.beta1, o.beta2), ctx.device)
+        return build_adam(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg, ctx.device)
 
     def clip_grad_norm_(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
         params = [p for p in model.parameters() if p.grad is not None]
@@ -179,11 +196,14 @@ class Method:
         n = sum(p.numel() for p in model.parameters())
         return f"method {self.name}: {trainable_numel(model) / 1e6:.2f}M of {n / 1e6:.2f}M parameters train"
 
-    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
-        """Model-state bytes of this method for a model of `n_params` parameters stored at
-        `weight_bytes_per_param`: {"weights", "gradients", "optimizer"} (the planner adds activations)."""
-        return {"weights": int(n_params * weight_bytes_per_param), "gradients": 4 * n_params,
-                "optimizer": 8 * n_params}
+    def estimate_memory(self, spec: ModelSpec, run: RunSettings) -> Plan:
+        """Peak bytes of this method on one device for one micro-batch, as a `slimtune.plan.estimate.Plan`: weights,
+        gradients, optimizer state, activations and temporary buffers. The planner adds the framework baseline and
+        lets the strategy divide the plan per rank. `spec`: the model's shape; `run`: batch, sequence length,
+        dtypes, checkpointing, optimizer (`slimtune.plan.settings.RunSettings`). Every method must give one: build
+        it from `slimtune.plan.estimate` (e.g. `full_adam(spec, ...) + activation_bytes(spec, ...)`)."""
+        raise NoEstimate(f"method={self.name} has no memory estimate: it must implement "
+                         f"estimate_memory(spec, run) (see slimtune/methods/full.py and slimtune/plan/estimate.py)")
 
 
 def state_line(label: str, measured: int, analytic: int | None = None) -> str:

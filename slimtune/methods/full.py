@@ -10,8 +10,10 @@ from slimtune.registry import METHODS
 class Full(Method):
     """AdamW on every parameter: 16 bytes per fp32 parameter (weights, gradients, two moments)."""
 
-    def estimate_memory(self, n_params: int, weight_bytes_per_param: float) -> dict[str, int]:
-        # Weights train in their storage dtype; gradients and AdamW's two moments take the same dtype
-        # (fp32: 4 + 4 + 8 = 16 bytes per parameter).
-        w = int(n_params * weight_bytes_per_param)
-        return {"weights": w, "gradients": w, "optimizer": 2 * w}
+    def estimate_memory(self, spec, run):
+        # AdamW steps the stored weights themselves: gradients and both moments take the weights' dtype (fp32:
+        # 4 + 4 + 8 = 16 bytes per parameter); every layer keeps its activations for backward.
+        from slimtune.plan.estimate import activation_bytes, full_adam
+
+        return (full_adam(spec, run.weight_dtype, master_weights=run.master_weights, eight_bit=run.eight_bit)
+                + activation_bytes(spec, run.batch, run.seq, **run.activation_options()))

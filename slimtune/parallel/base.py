@@ -126,6 +126,7 @@ class Strategy:
 
     # -- planning -------------------------------------------------------------------------------------------------
 
-    def estimate_memory(self, parts: dict[str, int]) -> dict[str, int]:
-        """Per-rank bytes from the single-process `parts` (weights, gradients, optimizer, activations...)."""
-        return dict(parts)
+    def estimate_memory(self, plan, spec, run):
+        """What one rank holds (a `slimtune.plan.estimate.Plan`), given the method's single-device `plan` for the
+        model `spec` and the run's settings `run` (`run.world_size` ranks). One process holds everything."""
+        return plan

@@ -115,6 +115,16 @@ class CpuShards(Strategy):
     def describe(self) -> str:
         return f"1 process, {self.n} batch shards"
 
+    def estimate_memory(self, plan, spec, run):
+        # The shards together hold one micro-batch's activations; every shard but the first returns its own
+        # gradient copy, alive while they are added.
+        from slimtune.plan.estimate import Plan, format_bytes
+
+        n = getattr(self, "n", 0) or self.options.n or min(torch.get_num_threads(), run.batch)
+        extra = (n - 1) * plan.parts["gradients"]
+        return plan + Plan(parts={"temporary": extra},
+                           notes=[f"cpu_shards: {n} shards, {n - 1} extra gradient copies {format_bytes(extra)}"])
+
     def forward_backward(self, model, workload, batches, precision):
         if self._sharded is None:
             self._sharded = ShardedBackward(self.n, precision.autocast).__enter__()

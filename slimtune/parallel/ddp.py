@@ -74,8 +74,8 @@ class DDP(Strategy):
     def barrier(self) -> None:
         dist.barrier()
 
-    def estimate_memory(self, parts: dict[str, int]) -> dict[str, int]:
-        # A full replica per rank, plus DDP's gradient buckets (about one more copy of the gradients).
-        out = dict(parts)
-        out["gradients"] = 2 * parts.get("gradients", 0)
-        return out
+    def estimate_memory(self, plan, spec, run):
+        # A full replica per rank, plus the flat buckets the all-reduce copies every gradient into.
+        from slimtune.plan.estimate import ddp
+
+        return ddp(plan, run.world_size)

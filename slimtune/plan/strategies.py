@@ -168,3 +168,38 @@ def pipeline_stage(states: Plan, spec: ModelSpec, *, stage: int, n_stages: int, 
                        f"{share:.1%} of the parameters, {in_flight} micro-batches in flight x "
                        f"{format_bytes(per_microbatch)}"] + est.notes,
                 trainable_params=round(states.trainable_params * share))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies the planner knows before slimtune runs them
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _sharded(kind: str):
+    def per_device(plan: Plan, spec: ModelSpec, run) -> list[Plan]:
+        if kind == "zero2":
+            return [zero2(plan, run.world_size, weight_dtype=run.weight_dtype)] * run.world_size
+        sharded = zero3 if kind == "zero3" else fsdp
+        return [sharded(plan, run.world_size, spec.largest_unit_params, weight_dtype=run.weight_dtype)] * \
+            run.world_size
+    return per_device
+
+
+def _pipeline(plan: Plan, spec: ModelSpec, run) -> list[Plan]:
+    """One plan per stage (1F1B, ``run.grad_accum`` micro-batches), with activations counted as full fine-tuning
+    keeps them: exact for full, an upper bound for methods that keep less."""
+    states = Plan(parts={key: plan.parts[key] for key in ("weights", "gradients", "optimizer")},
+                  trainable_params=plan.trainable_params)
+    options = run.activation_options()
+    return [pipeline_stage(states, spec, stage=s, n_stages=run.world_size, micro_batch=run.batch, seq=run.seq,
+                           n_microbatches=run.grad_accum, **options) for s in range(run.world_size)]
+
+
+PLANNED_STRATEGIES = {
+    "fsdp": _sharded("fsdp"),
+    "zero2": _sharded("zero2"),
+    "zero3": _sharded("zero3"),
+    "pipeline": _pipeline,
+}
+"""Strategies that ``slimtune estimate`` plans although slimtune does not run them yet (name → per-device plans from
+a method's single-device plan). A registered strategy of the same name takes over with its own estimate_memory."""

@@ -29,6 +29,7 @@ from slimtune.memory import format_bytes, peak_memory_bytes
 from slimtune.methods.base import OptimizerContext
 from slimtune.models.build import build_model
 from slimtune.parallel import finish_auto_choice, start_strategy
+from slimtune.plan.run import plan_before_loading, plan_for_run
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.flops import step_flops_per_token
 from slimtune.train.logging import MetricsLog, Progress, plot_losses
@@ -68,6 +69,7 @@ class Run:
     tokens_seen: int = 0
     saved_step: int = -1
     flops_per_token: float = 0.0
+    plan: Any = None  # slimtune.plan.run.RunPlan: predicted peak memory, checked at the end of fit
     log_line: list[str] = field(default_factory=list)
 
     @property
@@ -137,6 +139,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, strategy.rank, strategy.world_size, device)
+    plan_before_loading(cfg, workload.model_spec(), method, strategy, precision)  # refuses what cannot fit
     built = build_model(cfg, workload.model_spec(), method.load_options())
     model = method.prepare(built.model.to(device))
     strategy = finish_auto_choice(strategy, cfg, method, model)
@@ -151,7 +154,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     run = Run(cfg, out_dir, strategy, method, workload, model, model, built.config, optimizer, precision,
               MetricsLog(out_dir / "metrics.jsonl"), known_matmul_peak(device, precision.dtype))
+    run.plan = plan_for_run(cfg, model, method, strategy, precision)  # before a resume loads optimizer state
     start_or_resume(run)
+    _log_events(run, [run.plan.event()])
     run.forward_model = strategy.wrap(model)
     run.flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))
     o = cfg.optim
@@ -331,6 +336,7 @@ def fit(run: Run) -> TrainResult:
                         f"Run the same command again (resume=auto) to continue.")
                 break
     progress.close()
+    _log_events(run, [run.plan.peak_event(peak_memory_bytes(strategy.device))])  # before saving: training's peak
     if run.saved_step != run.step:  # decided identically on every rank: saving is collective
         checkpoint = save(run)
     peak = peak_memory_bytes(strategy.device)

@@ -1,0 +1,281 @@
+"""The plan of a training run: what `slimtune.train` predicts before step 1 and checks against its measured peak.
+
+`setup` calls, without naming a method or strategy:
+
+    plan_before_loading(cfg, workload.model_spec(), method, strategy, precision)   # may refuse
+    ... build the model, prepare it, choose the strategy, build the optimizer ...
+    run.plan = plan_for_run(cfg, model, method, strategy, precision)
+    → a {"kind": "plan", "predicted_peak_bytes", "parts"} record; at the end of `fit`, run.plan.peak_event(measured)
+      gives {"kind": "peak", "measured_peak_bytes", "predicted_peak_bytes", "ratio"}.
+
+The plan is the method's `estimate_memory(spec, run)` (weights, gradients, optimizer, activations), divided per rank
+by the strategy's `estimate_memory(plan, spec, run)`, plus the framework baseline. What each measurement counts:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` (tensors only), so the peak record compares it with the prediction
+  less the CUDA-context baseline.
+- CPU: the process's peak resident memory (VmHWM), which includes the interpreter, the libraries and the data. The
+  baseline of a run is therefore measured, not assumed: the resident memory before the first step less the
+  model's own tensors, plus a calibrated allowance for what the first step adds (`CPU_FIRST_STEP_BYTES`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from slimtune.errors import SlimtuneError
+from slimtune.plan.estimate import ModelSpec, Plan, baseline_plan, format_bytes
+from slimtune.plan.parts import MiB
+from slimtune.plan.settings import NoEstimate, RunSettings
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model's shape
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def spec_from_model(model: torch.nn.Module) -> ModelSpec:
+    """The `ModelSpec` of a live model: slimtune's GPT, or a Hugging Face causal LM whose ``model_type`` the planner
+    reads (`slimtune.plan.spec.HF_ARCHITECTURES`). Raises `NoEstimate` for anything else."""
+    from slimtune.models.gpt import GPT
+
+    if isinstance(model, GPT):
+        return ModelSpec.from_gpt(**asdict(model.config))
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise NoEstimate(f"the planner cannot read the shape of a {type(model).__name__}")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise NoEstimate(f"the planner covers causal language models; {type(model).__name__} has another head")
+    try:
+        return ModelSpec.from_hf_config(config.to_dict())
+    except SlimtuneError as exc:
+        raise NoEstimate(str(exc)) from None
+
+
+def spec_before_loading(cfg, data_spec: dict) -> ModelSpec:
+    """The `ModelSpec` a run will build, from its config and the workload's `model_spec()` (no weights loaded)."""
+    if cfg.is_gpt:
+        return ModelSpec.from_gpt(vocab_size=data_spec["vocab_size"], **asdict(cfg.gpt))
+    if "label_names" in data_spec:
+        raise NoEstimate("the planner covers causal language models, not classifiers (hf.task=classify)")
+    from slimtune.models.hf import resolve_model
+
+    try:
+        return ModelSpec.from_hf_config(resolve_model(cfg.model))
+    except SlimtuneError as exc:
+        raise NoEstimate(str(exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run's settings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _loss_chunk_default() -> int:
+    from slimtune.train.loss import causal_lm_loss
+
+    return inspect.signature(causal_lm_loss).parameters["chunk"].default
+
+
+def run_settings(cfg, precision, world_size: int, weight_dtype: torch.dtype, *, model=None) -> RunSettings:
+    """`RunSettings` of a training run: its batch, longest sequence, dtypes, checkpointing and loss.
+
+    The sequence is the longest one (gpt.block_size, or dataset.max_seq_len that batches are padded up to at
+    most): the peak is reached on the longest batch.
+    """
+    weights = DTYPE_NAMES[weight_dtype]
+    acts = weights if precision.dtype == torch.float32 else DTYPE_NAMES[precision.dtype]
+    common = dict(batch=cfg.batch_size, weight_dtype=weights, act_dtype=acts, device=precision.device.type,
+                  world_size=world_size, grad_accum=cfg.optim.grad_accum)
+    if cfg.is_gpt:
+        # slimtune's GPT: full logits, cross-entropy in the logits' own dtype, SDPA attention.
+        return RunSettings(seq=cfg.gpt.block_size, logits_fp32=False, **common)
+    from slimtune.train.loss import fused_head_backbone
+
+    attention = "flash"
+    chunk = _loss_chunk_default()
+    if model is not None:
+        implementation = getattr(model.config, "_attn_implementation", None)
+        attention = "eager" if implementation == "eager" else "flash"
+        chunk = chunk if fused_head_backbone(model) is not None else None
+    return RunSettings(seq=cfg.dataset.max_seq_len, checkpointing=cfg.hf.gradient_checkpointing, attention=attention,
+                       loss_chunk=chunk, logits_fp32=True, **common)
+
+
+def _weight_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype most parameter elements are stored in."""
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    dtype = max(counts, key=counts.get) if counts else torch.float32
+    return dtype if dtype in DTYPE_NAMES else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device memory and baseline
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run on ``device`` may use, in bytes: the GPU's total, or on CPU what this process holds plus what
+    the system reports available (MemAvailable). None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "cpu":
+        from slimtune.memory import cpu_rss_bytes
+
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024 + cpu_rss_bytes()
+        except OSError:
+            return None
+    return None
+
+
+CPU_FIRST_STEP_BYTES = 24 * MiB
+"""Resident memory a CPU process gains in its first training step beyond the tensors the plan counts: autograd's
+engine and thread pools, kernels' scratch buffers, lazily loaded code. Calibrated constant: ~23-25 MiB measured
+with slimtune's GPT of several sizes (tests/plan/test_run.py measures it against real runs)."""
+
+
+def measured_baseline(model: torch.nn.Module, device: torch.device) -> int | None:
+    """On CPU, the run's baseline: this process's resident memory now, less the model's own tensors (the rest is
+    the interpreter, the libraries and the data), plus `CPU_FIRST_STEP_BYTES`. None on other devices."""
+    if device.type != "cpu":
+        return None
+    from slimtune.memory import cpu_rss_bytes
+
+    storages = {}
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.device.type == "cpu" and t.numel():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                # Weights loaded from safetensors are file mappings, resident only once read: read one element per
+                # page now (the first forward reads them all anyway), so that what is subtracted below is resident.
+                t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].sum()
+    return max(cpu_rss_bytes() - sum(storages.values()), 0) + CPU_FIRST_STEP_BYTES
+
+
+def _baseline(device: torch.device, measured: int | None) -> Plan:
+    if measured is None:
+        return baseline_plan(device.type)
+    return Plan(parts={"baseline": measured},
+                notes=[f"baseline: this process's resident memory without the model's tensors, plus the first "
+                       f"step's runtime, {format_bytes(measured)}"])
+
+
+CPU_ALLOCATOR_SLACK = 0.15
+"""Share of the activations that a CPU run's resident peak exceeds the live tensors by. glibc keeps freed blocks
+for reuse (``runtime.cpu_allocator=keep``), but the next step cannot reuse all of them (blocks freed into other
+threads' arenas, holes that later small allocations split): measured 5-40 % of the activations with slimtune's
+GPT and SmolLM2-135M (benchmarks/memory_plan.py); the calibrated middle."""
+
+
+def allocator_plan(device_kind: str, plan: Plan) -> Plan:
+    """The device allocator's overhead over the live tensors of ``plan``: `CPU_ALLOCATOR_SLACK` of the activations
+    on CPU, counted as ``temporary``; nothing elsewhere (CUDA's peak is measured in allocated tensors)."""
+    if device_kind != "cpu":
+        return Plan()
+    slack = int(CPU_ALLOCATOR_SLACK * plan.parts["activations"])
+    return Plan(parts={"temporary": slack},
+                notes=[f"CPU allocator: blocks freed by one step not all reused by the next, {format_bytes(slack)}"])
+
+
+def _estimate(spec: ModelSpec, method, strategy, run: RunSettings, baseline: Plan) -> Plan:
+    plan = strategy.estimate_memory(method.estimate_memory(spec, run), spec, run)
+    return plan + allocator_plan(run.device, plan) + baseline
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two calls of setup
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plan_before_loading(cfg, data_spec: dict, method, strategy, precision) -> None:
+    """Refuse a run predicted not to fit its device, before any weight is loaded (``runtime.check_fit=false``
+    skips the check). On CPU the baseline is what the process holds now."""
+    device = precision.device
+    if not cfg.runtime.check_fit:
+        return
+    try:
+        spec = spec_before_loading(cfg, data_spec)
+        dtype = method.load_options().get("dtype")
+        if dtype is None:
+            dtype = torch.float32 if cfg.is_gpt else {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                      "fp16": torch.float16}[cfg.hf.weights_dtype]
+        run = run_settings(cfg, precision, strategy.world_size, dtype)
+        plan = _estimate(spec, method, strategy, run, _baseline(device, _resident_now(device)))
+    except NoEstimate:
+        return  # plan_for_run says why there is no plan
+    available = device_memory_bytes(device)
+    if available is not None and plan.peak_bytes > available:
+        raise SlimtuneError(
+            f"this run is predicted to need {format_bytes(plan.peak_bytes)} on {device}, which has "
+            f"{format_bytes(available)}:\n{plan.summary()}\nLower batch_size or the sequence length, turn on "
+            f"gradient checkpointing, or pick a lighter method (`slimtune estimate --budget "
+            f"{available / 2**30:.0f}GiB` lists what fits). runtime.check_fit=false starts it anyway.")
+
+
+def _resident_now(device: torch.device) -> int | None:
+    if device.type != "cpu":
+        return None
+    from slimtune.memory import cpu_rss_bytes
+
+    return cpu_rss_bytes() + CPU_FIRST_STEP_BYTES
+
+
+@dataclass
+class RunPlan:
+    """A run's plan (None when the planner cannot estimate this method or model, with the reason)."""
+
+    plan: Plan | None
+    device: torch.device
+    reason: str = ""
+    settings: dict = field(default_factory=dict)
+
+    def event(self) -> dict:
+        """The ``plan`` metrics record, with a one-line message for the terminal."""
+        if self.plan is None:
+            return {"kind": "plan", "predicted_peak_bytes": None, "parts": {}, "reason": self.reason,
+                    "message": f"memory plan: none ({self.reason})"}
+        parts = ", ".join(f"{key} {format_bytes(value)}" for key, value in self.plan.parts.items() if value)
+        return {"kind": "plan", "predicted_peak_bytes": self.plan.peak_bytes, "parts": dict(self.plan.parts),
+                "settings": self.settings,
+                "message": f"memory plan: peak {format_bytes(self.plan.peak_bytes)} per device ({parts})"}
+
+    def comparable_prediction(self) -> int | None:
+        """The prediction in the terms of the measured peak: on CUDA the allocator's peak excludes the context."""
+        if self.plan is None:
+            return None
+        if self.device.type == "cuda":
+            return self.plan.peak_bytes - self.plan.parts["baseline"]
+        return self.plan.peak_bytes
+
+    def peak_event(self, measured: int) -> dict:
+        """The ``peak`` metrics record: measured beside predicted, and their ratio (measured / predicted)."""
+        predicted = self.comparable_prediction()
+        ratio = measured / predicted if predicted else None
+        text = (f"peak memory {format_bytes(measured)}, predicted {format_bytes(predicted)} "
+                f"(measured/predicted {ratio:.2f})" if ratio else f"peak memory {format_bytes(measured)}")
+        return {"kind": "peak", "measured_peak_bytes": measured, "predicted_peak_bytes": predicted, "ratio": ratio,
+                "message": text}
+
+
+def plan_for_run(cfg, model: torch.nn.Module, method, strategy, precision) -> RunPlan:
+    """The plan of this run on one device, from the live (prepared) model, the method and the chosen strategy;
+    called after the optimizer is built and before the first step."""
+    device = precision.device
+    baseline = measured_baseline(model, device)
+    try:
+        spec = spec_from_model(model)
+        run = run_settings(cfg, precision, strategy.world_size, _weight_dtype(model), model=model)
+        plan = _estimate(spec, method, strategy, run, _baseline(device, baseline))
+    except NoEstimate as exc:
+        return RunPlan(None, device, reason=str(exc))
+    return RunPlan(plan, device, settings={"model": spec.name, "params": spec.n_params, **asdict(run)})
