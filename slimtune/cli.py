@@ -128,6 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from slimtune.finetune import evaluate_file, open_causal_lm
 
+    if not Path(args.data).is_file():
+        raise SlimtuneError(f"data file {args.data} does not exist")
     model, tokenizer = open_causal_lm(args.model, args.device, args.trust_remote_code)
     report = evaluate_file(model, tokenizer, args.data, max_seq_len=args.max_seq_len, batch_size=args.batch_size,
                            accuracy=args.accuracy, max_new_tokens=args.max_new_tokens,
@@ -139,8 +141,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from slimtune.finetune import export
 
-    out = export(args.source, args.out_dir, overwrite=args.overwrite)
-    print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    # Only the options given reach the method: one that has none (full, badam) refuses them by name.
+    options = {k: v for k, v in (("merge", args.merge), ("quantize", args.quantize)) if v}
+    out = export(args.source, args.out_dir, overwrite=args.overwrite, **options)
+    if (out / "adapter_config.json").is_file():
+        print(f"exported the adapter to {out}: load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r})")
+    else:
+        print(f"exported to {out}: load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -155,6 +162,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from slimtune.plan.cli import run
+
+    return run(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from slimtune.quant.cli import run
+
+    return run(args)
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -165,6 +184,8 @@ COMMANDS = {
     "eval": cmd_eval,
     "export": cmd_export,
     "demo": cmd_demo,
+    "estimate": cmd_estimate,
+    "quantize": cmd_quantize,
 }
 
 
@@ -275,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint folder, an out_dir (newest checkpoint) or a model")
     p.add_argument("out_dir", help="the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    p.add_argument("--merge", action="store_true",
+                   help="adapter checkpoints (lora, qlora): write the base with the adapter merged in, in fp32 (a "
+                        "4-bit base is dequantized, never re-quantized); without it the peft adapter folder alone")
+    p.add_argument("--quantize", default=None, choices=["nf4", "fp4"],
+                   help="with --merge: re-quantize the merged linear layers to 4 bits (bitsandbytes; can erase a "
+                        "small fine-tune, so only on request)")
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2-135M on a checkable task and show before/after accuracy",
                        description="Fine-tune SmolLM2-135M-Instruct on generated word-reversal data and print the "
@@ -283,10 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default out/demo or out/demo-scratch)")
     p.add_argument("--model", default="smollm2-135m", help="the causal LM to fine-tune")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    p.add_argument("--method", default=None, help="a registered method (full, badam, ...); default: badam")
+    p.add_argument("--method", default=None, help="a registered method (full, badam, lora, qlora, ...); default: "
+                                                  "badam")
     p.add_argument("--test-prompts", type=int, default=30, help="held-out prompts scored before and after")
     p.add_argument("--scratch", action="store_true", help="train a small GPT from scratch on Python's docstrings")
     p.add_argument("--quick", action="store_true", help="with --scratch: a much shorter run (smoke test)")
+    from slimtune.plan.cli import add_parser as add_estimate
+    from slimtune.quant.cli import add_parser as add_quantize
+
+    add_estimate(sub)
+    add_quantize(sub)
     return parser
 
 

@@ -238,6 +238,11 @@ def _remote_code_kwargs(trust_remote_code: bool) -> dict:
     return {"trust_remote_code": True} if trust_remote_code else {}
 
 
+def _quantization_kwargs(quantization_config) -> dict:
+    # Quantized weights are placed on the CPU as they load; the training loop moves the model to its device.
+    return {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+
+
 def enable_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant checkpointing), on old and new
     transformers (`activation_checkpointing_enable` replaces `gradient_checkpointing_enable` in 5.x)."""
@@ -270,17 +275,28 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   quantization_config=None):
     """Load `(model, tokenizer)` for a causal LM from a folder, a GGUF file or a built-in name; never downloads.
 
     `dtype` is the storage and compute dtype of the weights (fp32 by default: CPUs without native bf16 run bf16
-    matmuls far slower). The model is returned in eval mode; the training loop switches it to train mode.
+    matmuls far slower). `quantization_config` (e.g. a `BitsAndBytesConfig`) quantizes the linear layers while the
+    weights load, one tensor at a time. The model is returned in eval mode; the training loop switches it to train
+    mode.
     """
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code)
+    from slimtune.quant.load import load_quantized_causal_lm, quantized_format
+
+    if quantized_format(path) is not None:  # `slimtune quantize` output or a packed BitNet export
+        model = load_quantized_causal_lm(path, dtype, trust_remote_code)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model, tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, **_dtype_kwargs(dtype), **_remote_code_kwargs(trust_remote_code)
+            path, local_files_only=True, **_dtype_kwargs(dtype), **_remote_code_kwargs(trust_remote_code),
+            **_quantization_kwargs(quantization_config)
         )
     except (OSError, ValueError) as exc:
         raise SlimtuneError(f"cannot load a causal language model from {path}: {exc}") from exc
@@ -290,7 +306,8 @@ def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
 
 
 def load_sequence_classifier(name_or_path: str | Path, num_labels: int, label_names: list[str] | None = None,
-                             dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+                             dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                             quantization_config=None):
     """Load `(model, tokenizer)` with a freshly initialised `num_labels`-way classification head.
 
     Works for encoders (BERT, RoBERTa, ...) and decoder LMs that transformers has a `...ForSequenceClassification`
@@ -308,7 +325,7 @@ def load_sequence_classifier(name_or_path: str | Path, num_labels: int, label_na
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
             ignore_mismatched_sizes=True, local_files_only=True, **_dtype_kwargs(dtype),
-            **_remote_code_kwargs(trust_remote_code),
+            **_remote_code_kwargs(trust_remote_code), **_quantization_kwargs(quantization_config),
         )
     except (OSError, ValueError) as exc:
         raise SlimtuneError(f"cannot load a sequence classifier from {path}: {exc}") from exc
@@ -336,6 +353,15 @@ def merge_peft(model: torch.nn.Module, in_place: bool = False) -> torch.nn.Modul
     return target.merge_and_unload()
 
 
+def check_export_folder(out_dir: str | Path, overwrite: bool) -> Path:
+    """An export target must be new or empty unless `overwrite` (checked before any model is loaded)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
+        raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder "
+                            "or pass --overwrite")
+    return out_dir
+
+
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_in_place: bool = False,
                  overwrite: bool = False) -> Path:
     """Write a folder that plain transformers loads, with no slimtune installed, giving the same logits.
@@ -347,11 +373,7 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_i
     The folder is written under a temporary name and renamed into place. An existing non-empty `out_dir` is an
     error unless `overwrite=True`, in which case it is replaced only after the new folder is complete.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
-        if not overwrite:
-            raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder "
-                                "or pass --overwrite")
+    out_dir = check_export_folder(out_dir, overwrite)
     plain = merge_peft(model, in_place=merge_in_place)
     tmp = _make_tmp_dir(out_dir)
     try:
