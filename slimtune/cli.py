@@ -290,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (with --accuracy)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
 
-    p = sub.add_parser("export", help="write a checkpoint as a plain Hugging Face model folder (safetensors)",
-                       description="Export a checkpoint (adapters merged) to a folder that "
-                                   "transformers.AutoModelForCausalLM.from_pretrained loads without slimtune.")
+    p = sub.add_parser("export", help="write a checkpoint as a folder transformers or peft load without slimtune",
+                       description="Export a checkpoint to a folder other tools load without slimtune: a plain "
+                                   "transformers folder (safetensors) for full, badam and qat checkpoints; the peft "
+                                   "adapter folder for lora and qlora (--merge: the merged model instead); the packed "
+                                   "ternary format of transformers' BitNet integration for bitnet.")
     p.add_argument("source", help="a checkpoint folder, an out_dir (newest checkpoint) or a model")
     p.add_argument("out_dir", help="the folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
