@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from slimtune.config import check_choice
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, optimizer_state_bytes, \
+from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, \
     trainable_numel
 from slimtune.registry import METHODS
 
@@ -480,7 +480,7 @@ class Lora(Method):
         """Without `merge`: the peft adapter folder (adapter + tokenizer). With `merge`: a plain transformers folder
         whose weights are the base (dequantized for QLoRA) plus the adapter's delta, in fp32; with `quantize`
         (nf4 or fp4) too, its linear layers re-quantized to 4 bits (bitsandbytes' format in transformers)."""
-        from slimtune.models.hf import _make_tmp_dir, _save_plain
+        from slimtune.models.hf import _make_tmp_dir, _save_plain, check_export_folder, replace_folder
 
         if options:
             raise SlimtuneError(f"method={self.name} has no export option {', '.join(options)}")
@@ -493,7 +493,7 @@ class Lora(Method):
         source, out_dir = Path(source), Path(out_dir)
         if not (source / ADAPTER_CONFIG).is_file():
             raise SlimtuneError(f"{source} holds no {ADAPTER_CONFIG}: not a checkpoint of method={self.name}")
-        _check_out_dir(out_dir, overwrite)
+        check_export_folder(out_dir, overwrite)
         tmp = _make_tmp_dir(out_dir)
         try:
             if merge:
@@ -507,7 +507,7 @@ class Lora(Method):
                     if f.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT) or f.name.startswith(
                             ("tokenizer", "special_tokens", "chat_template")):
                         shutil.copy2(f, tmp / f.name)
-            _replace(tmp, out_dir)
+            replace_folder(tmp, out_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -560,24 +560,6 @@ def _planner_errors(method: str):
         raise
     except SlimtuneError as exc:
         raise NoEstimate(f"the planner cannot describe {method}.target_modules: {exc}") from None
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder or "
-                            f"pass --overwrite")
-
-
-def _replace(tmp: Path, out_dir: Path) -> None:
-    import os
-
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
 
 
 def _plain_model(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -205,6 +205,18 @@ def _make_tmp_dir(out_dir: Path) -> Path:
     return tmp
 
 
+def replace_folder(tmp: Path, out_dir: Path) -> None:
+    """Rename the complete folder `tmp` to `out_dir`, replacing an existing `out_dir` only then."""
+    if out_dir.exists():
+        # Move the old folder aside first: rename cannot replace a non-empty directory.
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)
+
+
 def _write_atomically(out_dir: Path, write, exist_ok: bool) -> None:
     """Call `write(tmp_folder)` then rename the temporary folder to `out_dir`."""
     tmp = _make_tmp_dir(out_dir)
@@ -378,14 +390,7 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_i
     tmp = _make_tmp_dir(out_dir)
     try:
         _save_plain(plain, tokenizer, tmp)
-        if out_dir.exists():
-            # Move the old folder aside first: rename cannot replace a non-empty directory.
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,13 +29,9 @@ def write_folder(out_dir: Path, write: Callable[[Path], None], *, overwrite: boo
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a plain mkdir
     try:
         write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)  # rename cannot replace a non-empty folder
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out_dir)
+        from slimtune.models.hf import replace_folder
+
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
