@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="fine-tune SmolLM2-135M on a checkable task and show before/after accuracy",
                        description="Fine-tune SmolLM2-135M-Instruct on generated word-reversal data and print the "
-                                   "base and fine-tuned exact-match accuracy on held-out prompts (about 5-10 minutes "
-                                   "on a 2-core CPU). --scratch trains a small GPT from scratch instead.")
+                                   "base and fine-tuned exact-match accuracy on held-out prompts (2.5-6.5 minutes on "
+                                   "a 2-core CPU, depending on the host). --scratch trains a small GPT from scratch instead.")
     p.add_argument("--out", default=None, help="output folder (default out/demo or out/demo-scratch)")
     p.add_argument("--model", default="smollm2-135m", help="the causal LM to fine-tune")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
