@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.memory import format_bytes
 from slimtune.plan.settings import NoEstimate
 
 if TYPE_CHECKING:
@@ -204,9 +203,3 @@ class Method:
         it from `slimtune.plan.estimate` (e.g. `full_adam(spec, ...) + activation_bytes(spec, ...)`)."""
         raise NoEstimate(f"method={self.name} has no memory estimate: it must implement "
                          f"estimate_memory(spec, run) (see slimtune/methods/full.py and slimtune/plan/estimate.py)")
-
-
-def state_line(label: str, measured: int, analytic: int | None = None) -> str:
-    if analytic is None:
-        return f"{label} {format_bytes(measured)}"
-    return f"{label} {format_bytes(measured)} (formula {format_bytes(analytic)})"

@@ -8,8 +8,9 @@ import torch
 
 from slimtune.registry import STRATEGIES
 
-AUTO_ORDER = ("ddp", "cpu_shards")
-"""`strategy=auto` takes the first of these whose `auto_applies` says yes, else `single`."""
+AUTO_ORDER = ("cpu_shards",)
+"""In one process, `strategy=auto` takes the first of these whose `auto_applies` says yes, else `single` (under
+torchrun it is `ddp`)."""
 
 
 def launched_by_torchrun() -> bool:

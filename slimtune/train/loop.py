@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class Run:
     saved_step: int = -1
     flops_per_token: float = 0.0
     plan: Any = None  # slimtune.plan.run.RunPlan: predicted peak memory, checked at the end of fit
-    log_line: list[str] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
