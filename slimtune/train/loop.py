@@ -308,9 +308,9 @@ def fit(run: Run) -> TrainResult:
             if not math.isfinite(last_loss):  # before any evaluation or save: a NaN model is never checkpointed
                 raise SlimtuneError(f"loss became {last_loss} at step {run.step}; no checkpoint was written for it. "
                                     f"Lower lr or enable optim.grad_clip, then resume from the last checkpoint")
-            if run.is_main:  # before the method's events: this step ran with the trainable set it started with
-                _log_step(run, progress, last_loss, dt, step_tokens, grad_norm, lr)
             events = method.after_step(run.step, run.optimizer)
+            if run.is_main:  # FLOPs as counted for the trainable set this step ran with
+                _log_step(run, progress, last_loss, dt, step_tokens, grad_norm, lr)
             if events:  # e.g. a new BAdam block: backward now runs from somewhere else
                 run.flops_per_token = step_flops_per_token(run.model, run.workload.forward_flops_per_token(run.model))
             _log_events(run, events)
