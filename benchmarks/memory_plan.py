@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,16 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RUNS = "full,full+ckpt,badam,badam+ckpt"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def write_data(path: Path, n: int = 400) -> Path:
@@ -108,8 +97,10 @@ def main() -> None:
                   f"{result['peak']['measured_peak_bytes'] / 2**20:.0f} MiB, ratio {result['peak']['ratio']:.3f} "
                   f"({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
             results.append(result)
+    from slimtune.hardware import cpu_model_name
+
     command = "python benchmarks/memory_plan.py " + " ".join(sys.argv[1:])
-    print(f"host: {cpu_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; `{command.strip()}`; "
+    print(f"host: {cpu_model_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; `{command.strip()}`; "
           f"model {args.model}, batch {args.batch} x {args.seq} tokens (packed), fp32, {args.steps} steps, "
           f"{args.threads} threads\n")
     print(table(results))

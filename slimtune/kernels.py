@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -110,13 +109,9 @@ def _cache_file() -> Path:
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from slimtune.hardware import cpu_model_name  # hardware imports this module: import at call time
+
+    return cpu_model_name()
 
 
 def _best_seconds(fn, seconds: float) -> float:
