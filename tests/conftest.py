@@ -44,3 +44,19 @@ def char_data(corpus_file, tmp_path_factory) -> Path:
 def tiny_args(char_data, tmp_path) -> list[str]:
     """key=value overrides for a tiny, fast training run writing into tmp_path/out."""
     return [f"data={char_data}", f"out_dir={tmp_path / 'out'}", *TINY]
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama + tokenizer saved as a Hugging Face folder."""
+    from tests.tiny_hf import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    """40 chat records of the demo's word-reversal task."""
+    from slimtune.tasks import make_examples, write_jsonl
+
+    return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")

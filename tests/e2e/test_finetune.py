@@ -13,23 +13,11 @@ import torch
 
 from slimtune import cli
 from slimtune.train.checkpoint import list_checkpoints
-from tests.tiny_hf import save_tiny_bert, save_tiny_llama
+from tests.tiny_hf import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_iters=2", "dataset.max_seq_len=64", "batch_size=4",
         "runtime.threads=1"]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    from slimtune.tasks import make_examples, write_jsonl
-
-    return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")
 
 
 def records(out: Path, kind: str) -> list[dict]:

@@ -12,7 +12,7 @@ import torch
 from slimtune import cli
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
-from tests.tiny_hf import one_torch_thread, save_tiny_llama  # noqa: F401
+from tests.tiny_hf import one_torch_thread  # noqa: F401
 
 peft = pytest.importorskip("peft")
 
@@ -20,18 +20,6 @@ FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_it
         "batch_size=4", "runtime.threads=1", "dataset.val_fraction=0", "eval.interval=0", "log.interval=1",
         "optim.weight_decay=0"]
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    from slimtune.tasks import make_examples, write_jsonl
-
-    return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")
 
 
 def train_args(model, data, out, *extra):
