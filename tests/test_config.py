@@ -60,7 +60,7 @@ def test_old_flat_keys_still_work_with_a_warning(tmp_path, capsys):
         (["hf.weights_dtype=bf16"], r"hf.weights_dtype applies to Hugging Face models"),
         (["badam.switch_every=5"], r"badam.switch_every applies to method=badam, but method=full"),
         (["cpu_shards.n=2"], r"cpu_shards.n applies to strategy=cpu_shards, but strategy=auto"),
-        (["strategy=fsdb"], r"strategy='fsdb' is not one of cpu_shards, ddp, single"),
+        (["strategy=fsdb"], r"strategy='fsdb' is not one of cpu_shards, ddp, deepspeed, fsdp, pipeline, single. Did you mean 'fsdp'\?"),
         (["model=x", "dataset.val_data=v.jsonl", "dataset.val_fraction=0.1"], r"replaces the held-out split"),
     ],
 )

@@ -18,9 +18,10 @@ order and never asks which method is running:
     describe(model, optimizer)     one line for the log: trainable parameters, optimizer state vs its formula
     estimate_memory(spec, run)     peak bytes per part on one device (slimtune.plan), for the planner
 
-Capabilities that strategies check (class attributes): `fixed_trainable_set` (the set of parameters with
-gradients never changes during a run; DDP needs it) and `grads_in_param_grad` (gradients are plain `.grad`
-accumulations, with no hooks that act on them; batch shards on threads need it).
+Capabilities that strategies check (class attributes, which a method may set per instance from its options):
+`fixed_trainable_set` (the set of parameters with gradients never changes during a run; DDP needs it) and
+`grads_in_param_grad` (gradients are plain `.grad` accumulations, with no hooks that act on them; batch shards on
+threads need it).
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ class Method:
 
     name: ClassVar[str]
     config_cls: ClassVar[type | None] = None
-    fixed_trainable_set: ClassVar[bool] = True
-    grads_in_param_grad: ClassVar[bool] = True
+    fixed_trainable_set: bool = True
+    grads_in_param_grad: bool = True
+    also_reads: ClassVar[tuple[str, ...]] = ()
+    """Config sections of other plug-ins this method reads (e.g. lora reads badam.* when lora.badam=true)."""
 
     def __init__(self, cfg):
         self.cfg = cfg  # a TrainConfig
@@ -148,10 +151,12 @@ class Method:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
-        from safetensors.torch import save_model
+    def save_weights(self, model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the checkpoint's weights into `folder`: from `model`, or from `state_dict` (the whole model's, as a
+        sharding strategy gathered it; keyed as `model.state_dict()`) when one is given."""
+        from slimtune.train.checkpoint import save_state_dict
 
-        save_model(model, str(folder / "model.safetensors"))
+        save_state_dict(model if state_dict is None else state_dict, folder / "model.safetensors")
 
     def load_weights(self, model: nn.Module, folder: Path) -> None:
         from slimtune.train.checkpoint import load_model_weights

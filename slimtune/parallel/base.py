@@ -5,14 +5,23 @@ with its own config section. The loop calls, in this order:
 
     setup(device)                  join the processes (if any); returns this rank's device
     check(method, model)           refuse a method it cannot run, saying why and what to use instead
+                                   (a resumed run's weights are loaded into the whole model here, before sharding)
+    shard(model, method)           the part of the model this rank trains (FSDP2 shards, a pipeline stage);
+                                   the optimizer is built after it, from what it returns
+    build_optimizer(method, model, ctx)
+    load_optimizer_state_dict / load_shards      a resumed run's optimizer state
     wrap(model)                    the module the forward runs through (e.g. DistributedDataParallel)
     ... every step:
     forward_backward(model, workload, batches, precision)
                                    forward and backward over the micro-batches of one optimizer step, with the
                                    loss normalised by the target tokens of the whole step on all ranks
     optimizer_step(optimizer, precision, clip)
+    on_trainable_change(model, forward_model)    after a step with method events (e.g. a BAdam block switch)
     all_sum / any / gather / barrier   collectives for metrics, stop signals and per-rank state
-    save(write) / evaluating()     checkpoint writing (rank 0 writes; sharded strategies gather first)
+    eval_loss_sum(...) / evaluating()  evaluation of one batch, and the context around evaluation
+    full_state_dict / optimizer_state_dict / save_shards / save(write)
+                                   checkpoints: every checkpoint is one ordinary model that rank 0 writes (sharded
+                                   strategies gather it first); per-rank shards may go beside it
     teardown()
 
 This base class is the single-process behaviour; `single` is exactly it.
@@ -21,6 +30,7 @@ This base class is the single-process behaviour; `single` is exactly it.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -42,6 +52,17 @@ class Strategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """Which share of every global batch this rank reads (ranks of one model replica, such as a pipeline's
+        stages, read the same share)."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        """Shares every global batch is cut into: the number of model replicas."""
+        return self.world_size
+
     @classmethod
     def auto_applies(cls, cfg, device: torch.device, method, model: nn.Module) -> bool:
         """Whether `strategy=auto` picks this single-process strategy for this method and model (asked in the
@@ -56,8 +77,22 @@ class Strategy:
     def check(self, method, model: nn.Module) -> None:
         pass
 
+    def shard(self, model: nn.Module, method) -> nn.Module:
+        """The module this rank trains (it becomes the run's model: the optimizer, clipping and the method see only
+        it). Called with the whole, prepared model before the optimizer exists. One process trains all of it."""
+        return model
+
+    def build_optimizer(self, method, model: nn.Module, ctx) -> torch.optim.Optimizer:
+        return method.build_optimizer(model, ctx)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def on_trainable_change(self, model: nn.Module, forward_model: nn.Module) -> nn.Module:
+        """Called after a step whose method reported events: which parameters train may have changed (a BAdam
+        block switch). Returns the module the next forward runs through: `forward_model`, or for a strategy that
+        fixes the trainable set when it wraps (DDP), `model` wrapped again."""
+        return forward_model
 
     def teardown(self) -> None:
         pass
@@ -97,6 +132,12 @@ class Strategy:
         optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
+    def eval_loss_sum(self, model: nn.Module, workload, batch, precision) -> tuple[float, int]:
+        """(sum of token losses, target tokens) of one evaluation batch on this rank; the loop adds them over ranks."""
+        with precision.autocast():
+            loss = workload.loss_sum(model, batch).item()
+        return loss, workload.count_targets(batch)
+
     @contextlib.contextmanager
     def evaluating(self):
         """Around evaluation (e.g. give the threads back to one process-wide pool)."""
@@ -118,6 +159,26 @@ class Strategy:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """Collective. On rank 0, the whole model's state dict (plain CPU tensors, keyed as the unsharded model's
+        `state_dict()`) for the method to save as one ordinary model; None elsewhere. None on rank 0 too means the
+        live model is whole and the method saves it directly (no copy)."""
+        return None
+
+    def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Collective. What rank 0 writes as the checkpoint's optimizer.pt (other ranks' result is not used)."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    def save_shards(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Collective. Files every rank writes into the checkpoint's temporary `folder` (e.g. sharded optimizer state
+        through torch.distributed.checkpoint) before rank 0 completes it; nothing by default."""
+
+    def load_shards(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """On resume, after `load_optimizer_state_dict`: read what `save_shards` wrote."""
+
     def save(self, write: Callable[[], Any]):
         """Run `write` (which writes one ordinary checkpoint) on rank 0; every rank returns after it is done."""
         result = write() if self.is_main else None
@@ -130,3 +191,8 @@ class Strategy:
         """What one rank holds (a `slimtune.plan.estimate.Plan`), given the method's single-device `plan` for the
         model `spec` and the run's settings `run` (`run.world_size` ranks). One process holds everything."""
         return plan
+
+    def estimate_per_device(self, plan, spec, run) -> list:
+        """One plan per rank, for `slimtune estimate`'s columns; every rank holds the same unless a strategy (a
+        pipeline, whose stages differ) says otherwise."""
+        return [self.estimate_memory(plan, spec, run)] * run.world_size

@@ -220,7 +220,7 @@ def plan_setting(args, spec: ModelSpec, method_name: str, checkpointing: bool, i
         strategy.device = torch.device(args.device_kind)
         strategy.world_size = args.devices
         strategy.check(method, torch.nn.Module())  # the trainer's own refusal (model-specific checks pass)
-        per_device = [strategy.estimate_memory(method.estimate_memory(spec, run), spec, run)] * args.devices
+        per_device = strategy.estimate_per_device(method.estimate_memory(spec, run), spec, run)
     else:
         per_device = PLANNED_STRATEGIES[name](method.estimate_memory(spec, run), spec, run)
     if args.offload != "none":

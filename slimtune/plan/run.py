@@ -5,7 +5,7 @@
     plan_before_loading(cfg, workload.model_spec(), method, strategy, precision)   # may refuse
     ... build the model, prepare it, choose the strategy, build the optimizer ...
     run.plan = plan_for_run(cfg, model, method, strategy, precision)
-    → a {"kind": "plan", "predicted_peak_bytes", "parts"} record; at the end of `fit`, run.plan.peak_event(measured)
+    → a {"kind": "plan", "predicted_peak_bytes", "parts"} record; at the end of `fit`, run.plan.peak_event(per-rank peaks)
       gives {"kind": "peak", "measured_peak_bytes", "predicted_peak_bytes", "ratio"}.
 
 The plan is the method's `estimate_memory(spec, run)` (weights, gradients, optimizer, activations), divided per rank
@@ -144,22 +144,36 @@ engine and thread pools, kernels' scratch buffers, lazily loaded code. Calibrate
 with slimtune's GPT of several sizes (tests/plan/test_run.py measures it against real runs)."""
 
 
-def measured_baseline(model: torch.nn.Module, device: torch.device) -> int | None:
+def _baseline_now(model_bytes: int) -> int:
     """On CPU, the run's baseline: this process's resident memory now, less the model's own tensors (the rest is
-    the interpreter, the libraries and the data), plus `CPU_FIRST_STEP_BYTES`. None on other devices."""
-    if device.type != "cpu":
-        return None
+    the interpreter, the libraries and the data), plus `CPU_FIRST_STEP_BYTES`."""
     from slimtune.memory import cpu_rss_bytes
 
+    return max(cpu_rss_bytes() - model_bytes, 0) + CPU_FIRST_STEP_BYTES
+
+
+def _resident_model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's CPU tensors, each made resident."""
     storages = {}
     with torch.no_grad():
-        for t in (*model.parameters(), *model.buffers()):
+        for t in _plain_tensors((*model.parameters(), *model.buffers())):
             if t.device.type == "cpu" and t.numel():
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 # Weights loaded from safetensors are file mappings, resident only once read: read one element per
                 # page now (the first forward reads them all anyway), so that what is subtracted below is resident.
                 t.detach().reshape(-1)[::max(1, 4096 // t.element_size())].sum()
-    return max(cpu_rss_bytes() - sum(storages.values()), 0) + CPU_FIRST_STEP_BYTES
+    return sum(storages.values())
+
+
+def _plain_tensors(tensors):
+    """The tensors that hold memory: a tensor subclass that wraps others (e.g. torchao's NF4 tensor: codes and
+    scales) is replaced by what it wraps."""
+    for t in tensors:
+        if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+            yield t
+        else:
+            names, _ = t.__tensor_flatten__()
+            yield from _plain_tensors(getattr(t, name) for name in names)
 
 
 def _baseline(device: torch.device, measured: int | None) -> Plan:
@@ -238,6 +252,18 @@ class RunPlan:
     device: torch.device
     reason: str = ""
     settings: dict = field(default_factory=dict)
+    model_bytes: int = 0
+    """The whole model's resident bytes when the plan was made (CPU)."""
+
+    def settle_baseline(self) -> None:
+        """Once the optimizer exists, measure the CPU baseline again: building it imports code the process keeps
+        (~70 MB for torch's optimizers, measured on the Zen 3 host), which is baseline, not model. The larger of the
+        two measurements stands (a strategy may have freed part of the model since)."""
+        if self.plan is None or self.device.type != "cpu":
+            return
+        now = _baseline_now(self.model_bytes)
+        if now > self.plan.parts["baseline"]:
+            self.plan.parts["baseline"] = now
 
     def event(self) -> dict:
         """The ``plan`` metrics record, with a one-line message for the terminal."""
@@ -257,25 +283,33 @@ class RunPlan:
             return self.plan.peak_bytes - self.plan.parts["baseline"]
         return self.plan.peak_bytes
 
-    def peak_event(self, measured: int) -> dict:
-        """The ``peak`` metrics record: measured beside predicted, and their ratio (measured / predicted)."""
+    def peak_event(self, per_rank: list[int]) -> dict:
+        """The ``peak`` metrics record: every rank's measured peak, the largest beside the (per-device) prediction,
+        and their ratio (measured / predicted)."""
+        measured = max(per_rank)
         predicted = self.comparable_prediction()
         ratio = measured / predicted if predicted else None
-        text = (f"peak memory {format_bytes(measured)}, predicted {format_bytes(predicted)} "
-                f"(measured/predicted {ratio:.2f})" if ratio else f"peak memory {format_bytes(measured)}")
-        return {"kind": "peak", "measured_peak_bytes": measured, "predicted_peak_bytes": predicted, "ratio": ratio,
-                "message": text}
+        text = f"peak memory {format_bytes(measured)}"
+        if len(per_rank) > 1:
+            text += (f" (largest of {len(per_rank)} ranks: rank {per_rank.index(measured)}; smallest "
+                     f"{format_bytes(min(per_rank))}, rank {per_rank.index(min(per_rank))})")
+        if ratio:
+            text += f", predicted {format_bytes(predicted)} (measured/predicted {ratio:.2f})"
+        return {"kind": "peak", "measured_peak_bytes": measured, "per_rank_peak_bytes": list(per_rank),
+                "predicted_peak_bytes": predicted, "ratio": ratio, "message": text}
 
 
 def plan_for_run(cfg, model: torch.nn.Module, method, strategy, precision) -> RunPlan:
-    """The plan of this run on one device, from the live (prepared) model, the method and the chosen strategy;
-    called after the optimizer is built and before the first step."""
+    """The plan of this run on one device, from the whole, prepared model (before a strategy shards it), the method
+    and the chosen strategy; `RunPlan.settle_baseline` completes it once the optimizer exists."""
     device = precision.device
-    baseline = measured_baseline(model, device)
+    model_bytes = _resident_model_bytes(model) if device.type == "cpu" else 0
+    baseline = _baseline_now(model_bytes) if device.type == "cpu" else None
     try:
         spec = spec_from_model(model)
         run = run_settings(cfg, precision, strategy.world_size, _weight_dtype(model), model=model)
         plan = _estimate(spec, method, strategy, run, _baseline(device, baseline))
     except NoEstimate as exc:
         return RunPlan(None, device, reason=str(exc))
-    return RunPlan(plan, device, settings={"model": spec.name, "params": spec.n_params, **asdict(run)})
+    return RunPlan(plan, device, settings={"model": spec.name, "params": spec.n_params, **asdict(run)},
+                   model_bytes=model_bytes)

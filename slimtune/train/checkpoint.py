@@ -44,9 +44,10 @@ from typing import Callable
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_file, save_model
 
 from slimtune.errors import SlimtuneError
+from slimtune.train.trackers import TRACKER_DIRS
 
 MANIFEST = "checkpoint.json"
 MANIFEST_FORMAT = 1
@@ -92,17 +93,26 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 # --- writing ------------------------------------------------------------------------------------------------------
 
+def new_checkpoint_dir(out_dir: str | Path, step: int) -> Path:
+    """A fresh temporary folder for step `step`'s checkpoint, named so that `clean_stale_temp_dirs` can tell whether
+    the process writing it still runs."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{step_dir_name(step)}.tmp-{os.getpid()}-", dir=out_dir))
+
+
 def save_checkpoint(out_dir: str | Path, step: int, write_files: Callable[[Path], None], optimizer_state: dict,
-                    trainer_state: dict, config: dict, model_config: dict, keep_last: int = 0) -> Path:
+                    trainer_state: dict, config: dict, model_config: dict, keep_last: int = 0,
+                    tmp: Path | None = None) -> Path:
     """Write `out_dir/step-NNNNNN/` atomically, then prune to the newest `keep_last` (0 keeps all). Returns the path.
 
     `write_files(folder)` writes the weights (e.g. `model.safetensors`) and any tokenizer / config files into the
     temporary folder; this function adds optimizer.pt, trainer.pt, model_config.json, config.yaml and, last, the
-    manifest. Saving a step that already exists replaces it."""
+    manifest. `tmp` is a folder from `new_checkpoint_dir` that other processes may already have added files to.
+    Saving a step that already exists replaces it."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / step_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=out_dir))
+    tmp = tmp if tmp is not None else new_checkpoint_dir(out_dir, step)
     try:
         write_files(tmp)
         torch.save(optimizer_state, tmp / "optimizer.pt")
@@ -274,6 +284,24 @@ def _safetensors_problem(file: Path, rel: str) -> str | None:
 
 # --- reading ------------------------------------------------------------------------------------------------------
 
+def save_state_dict(source: torch.nn.Module | dict[str, torch.Tensor], path: Path) -> None:
+    """Write a module's weights, or a whole model's state dict gathered by a sharding strategy, as safetensors.
+    Tied weights are stored once: in a state dict they are one tensor under several names (the first name is kept,
+    and `load_model_weights` ties the others back)."""
+    if isinstance(source, torch.nn.Module):
+        save_model(source, str(path))
+        return
+    first_name: dict[tuple, str] = {}
+    tensors = {}
+    for name, tensor in source.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if tensor.numel() and key in first_name:
+            continue
+        first_name[key] = name
+        tensors[name] = tensor.contiguous()
+    save_file(tensors, str(path))
+
+
 def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
     path = Path(ckpt) / "model.safetensors"
     try:
@@ -392,15 +420,16 @@ def clean_stale_temp_dirs(out_dir: str | Path) -> list[Path]:
 def archive_previous_run(out_dir: str | Path) -> Path | None:
     """Move another run's results out of `out_dir` before a fresh run; returns the archive folder, or None.
 
-    Moves the step-NNNNNN folders and the top-level files in `RUN_OUTPUT_PATTERNS` into
-    `out_dir/previous-runs/run-YYYYmmdd-HHMMSS[-N]/`, a new folder every time. Nothing is deleted. Without this, a
+    Moves the step-NNNNNN folders, the experiment trackers' folders (`TRACKER_DIRS`) and the top-level files in
+    `RUN_OUTPUT_PATTERNS` into `out_dir/previous-runs/run-YYYYmmdd-HHMMSS[-N]/`, a new folder every time. Nothing is deleted. Without this, a
     fresh run's `keep_last` pruning would count the old run's checkpoints (and delete the new one)."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return None
     items = sorted(p for p in out_dir.iterdir()
                    if (STEP_DIR.match(p.name) and p.is_dir())
-                   or (p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUT_PATTERNS)))
+                   or (p.is_file() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_OUTPUT_PATTERNS))
+                   or (p.is_dir() and p.name in TRACKER_DIRS))
     if not items:
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -35,6 +35,7 @@ from slimtune.train.flops import step_flops_per_token
 from slimtune.train.logging import MetricsLog, Progress, plot_losses
 from slimtune.train.precision import Precision
 from slimtune.train.schedule import cosine_with_warmup, schedule_warnings
+from slimtune.train.trackers import Trackers
 from slimtune.train.workloads import build_workload
 
 
@@ -116,6 +117,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         try:
             return fit(run)
         finally:
+            run.metrics.close()
             run.strategy.teardown()
     finally:
         torch.set_num_threads(threads)
@@ -137,7 +139,9 @@ def setup(cfg: TrainConfig) -> Run:
     method = methods.create(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    workload = build_workload(cfg, strategy.rank, strategy.world_size, device)
+    workload = build_workload(cfg, strategy.data_rank, strategy.data_world_size, device)
+    if cfg.num_epochs is not None:  # the schedule, the evaluations and the progress bar all follow this length
+        cfg.max_iters = workload.steps_for_epochs(cfg.num_epochs, cfg.optim.grad_accum)
     plan_before_loading(cfg, workload.model_spec(), method, strategy, precision)  # refuses what cannot fit
     built = build_model(cfg, workload.model_spec(), method.load_options())
     model = method.prepare(built.model.to(device))
@@ -146,18 +150,28 @@ def setup(cfg: TrainConfig) -> Run:
     backend = cpu_backend.apply(model, cfg.runtime, device, strategy.compute_threads)
     if cfg.runtime.compile:
         workload.compile(model)
+    say = tqdm.write if strategy.is_main else (lambda text: None)
+    ckpt = find_checkpoint(cfg, out_dir, strategy, built.config, say)
+    if ckpt is not None:  # into the whole model, before the strategy shards it
+        method.load_weights(model, ckpt)
+    plan = plan_for_run(cfg, model, method, strategy, precision)  # before the optimizer state exists
+    flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))  # of the whole model
+    model = strategy.shard(model, method)
     ctx = OptimizerContext(device, workload.n_train_examples,
-                           cfg.batch_size * cfg.optim.grad_accum * strategy.world_size, cfg.seed, strategy.is_main)
-    optimizer = method.build_optimizer(model, ctx)
+                           cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size, cfg.seed, strategy.is_main)
+    optimizer = strategy.build_optimizer(method, model, ctx)
+    plan.settle_baseline()
     torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank
 
     run = Run(cfg, out_dir, strategy, method, workload, model, model, built.config, optimizer, precision,
-              MetricsLog(out_dir / "metrics.jsonl"), known_matmul_peak(device, precision.dtype))
-    run.plan = plan_for_run(cfg, model, method, strategy, precision)  # before a resume loads optimizer state
-    start_or_resume(run)
-    _log_events(run, [run.plan.event()])
+              MetricsLog(out_dir / "metrics.jsonl"), known_matmul_peak(device, precision.dtype), plan=plan)
+    start_or_resume(run, ckpt)
+    if run.is_main:  # after start_or_resume: archiving an earlier run moves its tracker folders away first
+        hparams = {**to_dict(cfg), "max_iters": cfg.max_iters}  # the length, also when num_epochs set it
+        run.metrics.trackers = Trackers.open(cfg.log.report_to, out_dir, run.step, hparams)
+    _log_events(run, [{**run.plan.event(), "step": run.step}])  # a resumed run's records replace those after it
     run.forward_model = strategy.wrap(model)
-    run.flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))
+    run.flops_per_token = flops_per_token
     o = cfg.optim
     if o.decay_lr:
         for warning in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters, run.decay_iters()):
@@ -165,7 +179,7 @@ def setup(cfg: TrainConfig) -> Run:
     run.say(f"model: {built.description}; {workload.describe()} | {method.describe(model, optimizer)} | "
             f"strategy {strategy.name}: {strategy.describe()} | device {device} {precision.name}"
             f"{' | ' + backend if backend else ''} | "
-            f"{cfg.batch_size * cfg.optim.grad_accum * strategy.world_size} sequences/step")
+            f"{cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size} sequences/step")
     return run
 
 
@@ -185,12 +199,15 @@ def dry_run(cfg: TrainConfig) -> str:
     if not cfg.is_gpt:
         resolve_model(cfg.model)
     ckpt = ckpt_io.resolve_resume(cfg.resume, out_dir, warn=lambda text: None)
-    workload = build_workload(cfg, 0, 1, torch.device("cpu"))
+    workload = build_workload(cfg, 0, 1, torch.device("cpu"), write_cache=False)
+    if cfg.num_epochs is not None:
+        cfg.max_iters = workload.steps_for_epochs(cfg.num_epochs, cfg.optim.grad_accum)
     method = methods.create(cfg)
     lines = ["resolved config:", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
              f"data: {workload.describe()}",
              f"method: {method.name}; strategy: {cfg.strategy}",
-             f"start: {'resume from ' + str(ckpt) if ckpt else 'fresh'} (out_dir {out_dir})"]
+             f"start: {'resume from ' + str(ckpt) if ckpt else 'fresh'} (out_dir {out_dir})",
+             f"length: {cfg.max_iters} steps" + (f" (num_epochs={cfg.num_epochs:g})" if cfg.num_epochs else "")]
     o = cfg.optim
     if o.decay_lr:
         lines += [f"warning: {w}" for w in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters,
@@ -212,14 +229,30 @@ def check_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def start_or_resume(run: Run) -> None:
-    """Resume from the checkpoint `cfg.resume` names, or start fresh (archiving another run's results)."""
-    cfg, strategy = run.cfg, run.strategy
+def find_checkpoint(cfg: TrainConfig, out_dir: Path, strategy, model_config: dict, say) -> Path | None:
+    """The checkpoint `cfg.resume` names (None: start fresh), after removing half-written ones; a checkpoint of
+    another model is an error."""
     if strategy.is_main:
-        for path in ckpt_io.clean_stale_temp_dirs(run.out_dir):
-            run.say(f"removed {path.name}, a checkpoint left half-written by a process that no longer runs")
+        for path in ckpt_io.clean_stale_temp_dirs(out_dir):
+            say(f"removed {path.name}, a checkpoint left half-written by a process that no longer runs")
     strategy.barrier()
-    ckpt = ckpt_io.resolve_resume(cfg.resume, run.out_dir, warn=run.say)
+    ckpt = ckpt_io.resolve_resume(cfg.resume, out_dir, warn=say)
+    if ckpt is None:
+        return None
+    saved = ckpt_io.read_model_config(ckpt)
+    diff = {k: (saved.get(k), model_config.get(k)) for k in set(saved) | set(model_config)
+            if saved.get(k) != model_config.get(k)}
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise SlimtuneError(f"checkpoint {ckpt} was trained with a different model ({details}). Use the "
+                            f"checkpoint's settings, or resume=never / another out_dir to start a new run.")
+    return ckpt
+
+
+def start_or_resume(run: Run, ckpt: Path | None) -> None:
+    """Resume the optimizer, data and schedule from `ckpt` (whose weights `setup` loaded), or start fresh
+    (archiving another run's results)."""
+    cfg, strategy = run.cfg, run.strategy
     if ckpt is None:
         if strategy.is_main:
             archived = ckpt_io.archive_previous_run(run.out_dir)
@@ -229,29 +262,25 @@ def start_or_resume(run: Run) -> None:
             run.say(f"config: {run.out_dir / 'config.yaml'}")
         strategy.barrier()
         return
-    saved = ckpt_io.read_model_config(ckpt)
-    diff = {k: (saved.get(k), run.model_config.get(k)) for k in set(saved) | set(run.model_config)
-            if saved.get(k) != run.model_config.get(k)}
-    if diff:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise SlimtuneError(f"checkpoint {ckpt} was trained with a different model ({details}). Use the "
-                            f"checkpoint's settings, or resume=never / another out_dir to start a new run.")
-    run.method.load_weights(run.model, ckpt)
     try:
-        run.optimizer.load_state_dict(ckpt_io.load_state(ckpt, "optimizer.pt"))
+        strategy.load_optimizer_state_dict(run.model, run.optimizer, ckpt_io.load_state(ckpt, "optimizer.pt"))
     except (ValueError, KeyError, RuntimeError, SlimtuneError) as exc:
         raise SlimtuneError(f"{ckpt}/optimizer.pt does not fit this run's optimizer (method={run.method.name}): {exc}. "
                             f"Resume with the method the checkpoint was trained with, or start fresh with "
                             f"resume=never.") from None
+    strategy.load_shards(ckpt, run.model, run.optimizer)
     state = ckpt_io.load_state(ckpt, "trainer.pt")
     run.step, run.tokens_seen = state["step"], state["tokens"]
     ranks = state["ranks"]
-    if len(ranks) != strategy.world_size:
-        run.say(f"warning: checkpoint written by {len(ranks)} processes, resuming with {strategy.world_size}; data "
-                f"order will differ from an uninterrupted run")
+    # Ranks that read the same data (a pipeline's stages) resume the data position of their share.
+    saved_shares = state.get("data_world_size", len(ranks))
+    if saved_shares != strategy.data_world_size:
+        run.say(f"warning: checkpoint written by {saved_shares} data-parallel processes, resuming with "
+                f"{strategy.data_world_size}; data order will differ from an uninterrupted run")
     if strategy.rank < len(ranks):
         _set_rng_state(ranks[strategy.rank]["rng"], strategy.device)
-        run.workload.load_state_dict(ranks[strategy.rank]["data"])
+    if strategy.data_rank < len(ranks):
+        run.workload.load_state_dict(ranks[strategy.data_rank]["data"])
     run.precision.load_state_dict(state.get("precision", {}))
     run.method.load_state_dict(state.get("method", {}))
     saved_decay = state.get("schedule", {}).get("decay_iters")
@@ -313,7 +342,9 @@ def fit(run: Run) -> TrainResult:
                 _log_step(run, progress, last_loss, dt, step_tokens, grad_norm, lr)
             if events:  # e.g. a new BAdam block: backward now runs from somewhere else
                 run.flops_per_token = step_flops_per_token(run.model, run.workload.forward_flops_per_token(run.model))
+                run.forward_model = strategy.on_trainable_change(run.model, run.forward_model)
             _log_events(run, events)
+            _log_events(run, run.workload.epoch_events(run.step, cfg.optim.grad_accum))
 
             saved_now = False
             if cfg.eval.interval and (run.step % cfg.eval.interval == 0 or run.step == cfg.max_iters):
@@ -335,7 +366,9 @@ def fit(run: Run) -> TrainResult:
                         f"Run the same command again (resume=auto) to continue.")
                 break
     progress.close()
-    _log_events(run, [run.plan.peak_event(peak_memory_bytes(strategy.device))])  # before saving: training's peak
+    # Before saving (training's peak, not the checkpoint gather's); every rank's, since ranks can differ a lot.
+    peaks = strategy.gather(peak_memory_bytes(strategy.device))
+    _log_events(run, [{**run.plan.peak_event(peaks), "step": run.step}])
     if run.saved_step != run.step:  # decided identically on every rank: saving is collective
         checkpoint = save(run)
     peak = peak_memory_bytes(strategy.device)
@@ -360,8 +393,10 @@ def train_step(run: Run) -> tuple[float, float, int, float | None, float]:
     grad_norm = run.strategy.optimizer_step(run.optimizer, run.precision, clip)
     run.step += 1
     dt = time.perf_counter() - t0
+    # Every batch is read by world_size / data_world_size ranks (a pipeline's stages): count its tokens once.
+    readers = run.strategy.world_size // run.strategy.data_world_size
     total, targets, tokens = run.strategy.all_sum([loss_sum.item(), float(n_targets),
-                                                   float(sum(run.workload.batch_tokens(b) for b in batches))])
+                                                   sum(run.workload.batch_tokens(b) for b in batches) / readers])
     run.tokens_seen += int(tokens)
     return total / max(targets, 1.0), dt, int(tokens), None if grad_norm is None else float(grad_norm), lr
 
@@ -411,9 +446,8 @@ def evaluate(run: Run) -> dict[str, float]:
         for split in ("train", "val"):
             total, count = 0.0, 0
             for batch in workload.eval_batches(split, run.cfg.eval.iters):
-                with run.precision.autocast():
-                    total += workload.loss_sum(model, batch).item()
-                count += workload.count_targets(batch)
+                loss, targets = run.strategy.eval_loss_sum(model, workload, batch, run.precision)
+                total, count = total + loss, count + targets
             total, count = run.strategy.all_sum([total, float(count)])
             if count > 0:
                 out[split] = total / count
@@ -425,17 +459,26 @@ def save(run: Run) -> Path | None:
     """A checkpoint of the current step (collective: every rank calls it)."""
     run.saved_step = run.step
     ranks = run.strategy.gather({"rng": _rng_state(run.strategy.device), "data": run.workload.state_dict()})
-    trainer_state = {"step": run.step, "world_size": run.strategy.world_size, "ranks": ranks,
+    trainer_state = {"step": run.step, "world_size": run.strategy.world_size,
+                     "data_world_size": run.strategy.data_world_size, "ranks": ranks,
                      "tokens": run.tokens_seen, "strategy": run.strategy.name,
                      "precision": run.precision.state_dict(), "method": run.method.state_dict(),
                      "schedule": {"decay_iters": run.decay_iters(), "warmup_iters": run.cfg.optim.warmup_iters}}
 
+    strategy = run.strategy
+    weights = strategy.full_state_dict(run.model)
+    optimizer_state = strategy.optimizer_state_dict(run.model, run.optimizer)
+    # Every rank may add files (shards) to the temporary folder rank 0 creates; rank 0 then completes it atomically.
+    tmp = strategy.gather(ckpt_io.new_checkpoint_dir(run.out_dir, run.step) if strategy.is_main else None)[0]
+    strategy.save_shards(tmp, run.model, run.optimizer)
+    strategy.barrier()
+
     def write_files(folder: Path) -> None:
-        run.method.save_weights(run.model, folder)
+        run.method.save_weights(run.model, folder, state_dict=weights)
         run.workload.save_files(folder, run.model)
 
     def write() -> Path:
-        return ckpt_io.save_checkpoint(run.out_dir, run.step, write_files, run.optimizer.state_dict(), trainer_state,
-                                       to_dict(run.cfg), run.model_config, keep_last=run.cfg.ckpt.keep_last)
+        return ckpt_io.save_checkpoint(run.out_dir, run.step, write_files, optimizer_state, trainer_state,
+                                       to_dict(run.cfg), run.model_config, keep_last=run.cfg.ckpt.keep_last, tmp=tmp)
 
-    return run.strategy.save(write)
+    return strategy.save(write)

@@ -4,8 +4,6 @@ key, and never a traceback. A crash (an unexpected exception) is a short message
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -184,8 +184,8 @@ def test_bad_budget(capsys, budget):
 
 
 def test_impossible_combination_is_the_trainers_refusal(capsys):
-    with pytest.raises(SlimtuneError, match="method=badam cannot run under strategy=ddp"):
-        estimate(capsys, "--preset", "llama-2-7b", "--method", "badam", "--devices", "2", "--strategy", "ddp")
+    with pytest.raises(SlimtuneError, match="method=badam cannot run under strategy=pipeline"):
+        estimate(capsys, "--preset", "llama-2-7b", "--method", "badam", "--devices", "2", "--strategy", "pipeline")
 
 
 L2 = ["--preset", "llama-2-7b"]

@@ -4,6 +4,7 @@ refusal before loading a model that cannot fit, and predicted vs measured peaks 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,12 +56,15 @@ def test_spec_from_live_models():
 def test_peak_record_compares_like_with_like():
     """CUDA's allocator peak has no CUDA context in it; CPU's resident peak has the whole process."""
     plan = Plan.of(weights=600, activations=300, baseline=100)
-    cuda = plan_run.RunPlan(plan, torch.device("cuda")).peak_event(900)
+    cuda = plan_run.RunPlan(plan, torch.device("cuda")).peak_event([900])
     assert cuda["predicted_peak_bytes"] == 900 and cuda["ratio"] == 1.0
-    cpu = plan_run.RunPlan(plan, torch.device("cpu")).peak_event(1100)
+    cpu = plan_run.RunPlan(plan, torch.device("cpu")).peak_event([1100])
     assert cpu["predicted_peak_bytes"] == 1000 and cpu["ratio"] == pytest.approx(1.1)
-    none = plan_run.RunPlan(None, torch.device("cpu"), reason="why").peak_event(5)
+    none = plan_run.RunPlan(None, torch.device("cpu"), reason="why").peak_event([5])
     assert none["ratio"] is None and none["measured_peak_bytes"] == 5
+    ranks = plan_run.RunPlan(plan, torch.device("cuda")).peak_event([700, 950])
+    assert ranks["measured_peak_bytes"] == 950 and ranks["per_rank_peak_bytes"] == [700, 950]
+    assert "largest of 2 ranks: rank 1" in ranks["message"] and "smallest 700 B, rank 0" in ranks["message"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,6 +85,17 @@ def test_run_logs_plan_then_peak(char_data, tmp_path, capsys):
     assert peak["ratio"] == pytest.approx(peak["measured_peak_bytes"] / peak["predicted_peak_bytes"])
     out = capsys.readouterr().out
     assert "memory plan: peak" in out and "measured/predicted" in out
+    assert (plan["step"], peak["step"]) == (0, 2)
+
+
+def test_a_resumed_run_logs_its_own_plan_and_peak_at_its_steps(char_data, tmp_path):
+    """Each process plans and measures; a resume drops the records the dead run wrote after its checkpoint."""
+    out = tmp_path / "out"
+    train(tiny_cfg(char_data, out, "strategy=single", "max_iters=4", "ckpt.interval=2", "ckpt.keep_last=0"))
+    shutil.rmtree(out / "step-000004")  # as if the run had died after the step-2 checkpoint (its peak record says step 4)
+    train(tiny_cfg(char_data, out, "strategy=single", "max_iters=4", "ckpt.interval=2", "ckpt.keep_last=0"))
+    steps = [(r["kind"], r["step"]) for r in records(out) if r["kind"] in ("plan", "peak")]
+    assert steps == [("plan", 0), ("plan", 2), ("peak", 4)]
 
 
 class NoPlan(Method):

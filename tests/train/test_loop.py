@@ -3,7 +3,6 @@ old ones, the schedule warning on resume, the cosine schedule, MFU never above 1
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 

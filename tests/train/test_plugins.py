@@ -15,7 +15,6 @@ from slimtune.errors import SlimtuneError
 from slimtune.methods.base import Method
 from slimtune.parallel.base import Strategy
 from slimtune.registry import METHODS, STRATEGIES
-from slimtune.train.loop import train
 from tests.conftest import TINY
 
 
