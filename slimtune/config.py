@@ -4,9 +4,9 @@ Every setting a user can change is a field of a dataclass below, followed by a s
 That one docstring feeds `slimtune train --help`, error messages and the example YAMLs, so it cannot drift.
 
 `TrainConfig` has a few top-level keys people type on every command line (model, data, method, strategy, lr,
-batch_size, max_iters, out_dir, resume, seed) and one section per concern (`gpt.*`, `hf.*`, `dataset.*`, `optim.*`,
-`eval.*`, `log.*`, `ckpt.*`, `runtime.*`). Each method and strategy brings its own section (`badam.*`, ...): its
-`config_cls`, found through the registries in `slimtune.registry`.
+batch_size, max_iters or num_epochs, out_dir, resume, seed) and one section per concern (`gpt.*`, `hf.*`,
+`dataset.*`, `optim.*`, `eval.*`, `log.*`, `ckpt.*`, `runtime.*`). Each method and strategy brings its own section
+(`badam.*`, ...): its `config_cls`, found through the registries in `slimtune.registry`.
 
 Sources are applied in order: defaults → YAML file(s) → command-line `key=value` / `section.key=value`. Values are
 type-checked against the field annotations; dict-valued keys merge key by key; an unknown key is an error that
@@ -33,6 +33,7 @@ import yaml
 from slimtune.errors import SlimtuneError
 
 CPU_ALLOCATOR_MODES = ("keep", "system", "release")
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +101,12 @@ class DatasetSection:
     column_map: dict = field(default_factory=dict)
     """Rename fields of the data file, e.g. dataset.column_map.instruction=question dataset.column_map.output=answer
     (each key is merged into the map)."""
+    role_map: dict = field(default_factory=dict)
+    """Map other role names of chat data to system, user or assistant, e.g. dataset.role_map.tutor=assistant (human,
+    gpt, bot, model and chatgpt are known already; each key is merged into the map)."""
+    weights: list = field(default_factory=list)
+    """Mixing weights of several data files (data=[a.jsonl,b.parquet] dataset.weights=[0.7,0.3]): the share of
+    training examples drawn from each. Empty: every example of every file once per epoch."""
     val_data: str = ""
     """A separate validation file; it replaces the held-out split of the training file."""
     val_fraction: Optional[float] = None
@@ -113,6 +120,12 @@ class DatasetSection:
         if self.val_data and self.val_fraction:
             raise SlimtuneError(f"dataset.val_data={self.val_data} replaces the held-out split; remove "
                                 f"dataset.val_fraction={self.val_fraction} (or set it to 0)")
+        for w in self.weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise SlimtuneError(f"dataset.weights={self.weights}: every weight must be a number >= 0, got {w!r}")
+        if self.weights and sum(self.weights) <= 0:
+            raise SlimtuneError(f"dataset.weights={self.weights} sum to {sum(self.weights)}; they must sum to a "
+                                "positive number (they are normalised to shares)")
 
     @property
     def held_out_fraction(self) -> float:
@@ -189,10 +202,18 @@ class LogSection:
     """Show a progress bar."""
     plot: bool = True
     """Write loss.png at the end of training."""
+    report_to: list = field(default_factory=list)
+    """Experiment trackers that get the same records as metrics.jsonl: any of tensorboard, wandb, mlflow
+    (comma-separated; none or empty: only metrics.jsonl). Their files go to out_dir/tensorboard, out_dir/wandb and
+    out_dir/mlruns; each needs its extra, e.g. pip install 'slimtune[tensorboard]'."""
 
     def __post_init__(self):
         if self.interval < 0:
             raise SlimtuneError(f"log.interval must be >= 0, got {self.interval}")
+        if self.report_to in (["none"], ["None"]):
+            self.report_to = []
+        for name in self.report_to:
+            check_choice("log.report_to", name, TRACKER_NAMES)
 
 
 @dataclass
@@ -248,11 +269,14 @@ class TrainConfig:
 
     model: str = "gpt"
     """`gpt` trains slimtune's GPT from scratch (data = a `slimtune prepare` folder; settings in gpt.*). Anything
-    else fine-tunes a Hugging Face model (data = a JSON/JSONL/txt file; settings in hf.* and dataset.*): a local
-    model folder, a .gguf file, or the built-in name smollm2-135m."""
-    data: str = ""
+    else fine-tunes a Hugging Face model (data = JSON/JSONL/txt/parquet files; settings in hf.* and dataset.*): a
+    local model folder, a .gguf file, or the built-in name smollm2-135m."""
+    data: str | list = ""
     """Training data: a folder written by `slimtune prepare` (model=gpt), or for Hugging Face models an Alpaca
-    JSON/JSONL, chat JSONL (messages), plain .txt, or classification JSONL file."""
+    JSON/JSONL, chat JSONL (messages, or ShareGPT conversations), plain .txt, or classification JSONL file; a
+    .parquet or .arrow file, a `datasets` save_to_disk folder or a folder of parquet shards (the datasets extra);
+    or several as a list, data=[a.jsonl,b.parquet] (see dataset.weights). In YAML a list entry may also be a
+    mapping {path: FILE, column_map: {...}, role_map: {...}} with that file's own maps."""
     method: str = "full"
     """What is trained and how it is stepped: full (AdamW on every parameter), badam, or another registered
     method (its settings are the section of the same name)."""
@@ -264,7 +288,10 @@ class TrainConfig:
     batch_size: int = 12
     """Sequences per micro-batch (per process under DDP)."""
     max_iters: int = 2000
-    """Optimizer steps to train for."""
+    """Optimizer steps to train for (or give num_epochs instead)."""
+    num_epochs: Optional[float] = None
+    """Passes over the training data instead of max_iters: the run takes ceil(num_epochs * batches per epoch /
+    optim.grad_accum) steps, and the schedule is computed for that length. Empty: use max_iters."""
     out_dir: str = "out"
     """Where checkpoints (step-NNNNNN/), metrics.jsonl and loss.png are written. A fresh run (resume=never, or no
     checkpoint) moves another run's results into out_dir/previous-runs/ first."""
@@ -300,6 +327,12 @@ class TrainConfig:
                 raise SlimtuneError(f"{key} must be a positive integer, got {getattr(self, key)}")
         if self.lr <= 0:
             raise SlimtuneError(f"lr must be > 0, got {self.lr}")
+        if self.num_epochs is not None and self.num_epochs <= 0:
+            raise SlimtuneError(f"num_epochs must be > 0, got {self.num_epochs}")
+        files = len(self.data) if isinstance(self.data, list) else 1
+        if self.dataset.weights and len(self.dataset.weights) != files:
+            raise SlimtuneError(f"dataset.weights={self.dataset.weights} has {len(self.dataset.weights)} weights for "
+                                f"{files} data file(s); give one weight per entry of data=")
 
     @property
     def is_gpt(self) -> bool:
@@ -404,7 +437,7 @@ def check_applicable(cfg: TrainConfig, given: set[str], source_of: dict[str, str
         if section in ("hf", "dataset") and cfg.is_gpt:
             raise SlimtuneError(f"{where}: {key} applies to Hugging Face models, but model=gpt trains slimtune's GPT "
                                 f"on a `slimtune prepare` folder; remove {key} or set model=PATH")
-        if section in methods and section != cfg.method:
+        if section in methods and section != cfg.method and section not in METHODS.get(cfg.method).also_reads:
             raise SlimtuneError(f"{where}: {key} applies to method={section}, but method={cfg.method}; remove it or "
                                 f"set method={section}")
         if section in strategies and section != cfg.strategy:
@@ -451,7 +484,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " (or empty)"
+        optional = " (or empty)" if type(None) in typing.get_args(tp) else ""
+        return " or ".join(_type_name(a) for a in args) + optional
     if dataclasses.is_dataclass(tp):
         return "section"
     return getattr(tp, "__name__", str(tp))
@@ -467,6 +501,13 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             return _coerce(key, value, inner[0], source)
+        for option in inner:  # e.g. data: one path, or a list of them; the first type that takes the value wins
+            try:
+                return _coerce(key, value, option, source)
+            except SlimtuneError:
+                continue
+        raise SlimtuneError(f"{source}: {key} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}). "
+                            f"Run `slimtune train --help` to see every key with its type.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -503,8 +544,14 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
 
 
 def _unknown_key(key: str, cls: type, prefix: str, source: str, extra: tuple[str, ...] = ()) -> SlimtuneError:
-    valid = [prefix + f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")] + list(extra)
-    hint = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+    valid = [prefix + f.name for f in fields] + list(extra)
+    hints = _resolved_types(cls)
+    # At the top level, a section's key given without its section (report_to for log.report_to) is found as well.
+    in_sections = [] if prefix else [f"{f.name}.{g.name}" for f in fields if dataclasses.is_dataclass(hints[f.name])
+                                     for g in dataclasses.fields(hints[f.name])]
+    hint = [k for k in in_sections if k.endswith("." + key)][:1] or difflib.get_close_matches(
+        prefix + key, valid + in_sections, n=1, cutoff=0.5)
     if not hint and not prefix and key in RENAMED:
         hint = [RENAMED[key]]
     did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
@@ -635,14 +682,24 @@ def make_config(cls: type, yaml_files: list[str] = (), overrides: list[str] = ()
         types_ = plugin_sections()
         cfg.plugins = {name: _build(types_[name], v) for name, v in plugins.items()}
         check_applicable(cfg, set(given), given)
+        if "num_epochs" in given and "max_iters" in given and cfg.num_epochs is not None:
+            raise SlimtuneError(f"{given['num_epochs']}: num_epochs={cfg.num_epochs:g} and max_iters={cfg.max_iters} "
+                                f"({given['max_iters']}) both set the length of the run; give only one of them")
+        if "log.report_to" in given:
+            from slimtune.train.trackers import check_installed
+
+            check_installed(cfg.log.report_to)
     return cfg
 
 
 def to_dict(cfg) -> dict[str, Any]:
     """The config as plain nested dicts (what checkpoints and metrics record). For `TrainConfig`, the sections of
-    the chosen method and strategy are included (as top-level sections); sections that do not apply are left out."""
+    the chosen method and strategy are included (as top-level sections); sections that do not apply, and max_iters
+    when num_epochs sets the length, are left out."""
     out = {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("internal")}
     if isinstance(cfg, TrainConfig):
+        if cfg.num_epochs is not None:  # the run derives max_iters from num_epochs; recording both would give both
+            out.pop("max_iters")
         if cfg.is_gpt:
             out.pop("hf"), out.pop("dataset")
         else:

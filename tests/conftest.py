@@ -20,6 +20,8 @@ def pytest_configure(config):
         root = Path(config.rootpath) / ".pytest_cache" / "slimtune"
         root.mkdir(parents=True, exist_ok=True)
         os.environ["SLIMTUNE_CACHE"] = str(root)
+    # Hugging Face datasets' own cache (parquet converted to Arrow) stays in the test tree too; set before it is imported.
+    os.environ.setdefault("HF_DATASETS_CACHE", os.path.join(os.environ["SLIMTUNE_CACHE"], "hf-datasets"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

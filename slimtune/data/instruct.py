@@ -2,13 +2,18 @@
 
 Input files (one format per file, detected from the first record):
 
-    Alpaca   JSON list or JSONL of {"instruction", "input" (optional), "output", "system" (optional)}
-    chat     JSONL (or JSON list) of {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    text     a .txt file (one document, or several split by `text_separator`), or JSONL of {"text": "..."}
-    classes  JSONL of {"text", "text_pair" (optional), "label" (int or string)}  (`load_classification_data`)
+    Alpaca    JSON list or JSONL of {"instruction", "input" (optional), "output", "system" (optional)}
+    chat      JSONL (or JSON list) of {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    ShareGPT  chat as {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+    text      a .txt file (one document, or several split by `text_separator`), or JSONL of {"text": "..."}
+    classes   JSONL of {"text", "text_pair" (optional), "label" (int or string)}  (`load_classification_data`)
+
+The same records may come as the rows of a .parquet or .arrow file, a `datasets` save_to_disk folder or a folder of
+parquet shards, read through Hugging Face `datasets` (`slimtune.data.hf_datasets`).
 
 `column_map` renames fields, canonical name → name in the file: {"instruction": "question", "output": "answer"},
-{"messages": "conversations", "role": "from", "content": "value"}.
+{"messages": "dialog", "role": "speaker", "content": "text"}. `role_map` names other roles: {"bot": "assistant"}
+(human, gpt, bot, model and chatgpt are known).
 
 Conversations are rendered with the tokenizer's chat template, or a named fallback template (`CHAT_TEMPLATES`) for
 tokenizers that have none. The loss covers only what the assistant says: every token of a system or user turn, and
@@ -23,18 +28,23 @@ construction, which also keeps packed neighbours apart (see `pack_examples`).
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
 import torch
 
 from slimtune.errors import SlimtuneError
+
+if TYPE_CHECKING:
+    from slimtune.data.cache import TokenCache
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +165,12 @@ def encode_chat(tokenizer, messages: list[dict], template: str | None = None) ->
 
 CANONICAL_FIELDS = ("instruction", "input", "output", "system", "messages", "role", "content", "text", "text_pair",
                     "label")
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "chatgpt": "assistant"}
 ROLES = ("system", "user", "assistant")
+SHAREGPT_FIELDS = {"messages": "conversations", "role": "from", "content": "value"}
+"""ShareGPT's names of the chat fields (canonical name → name in the file)."""
+REQUIRED_FIELDS = {"chat": ("messages",), "alpaca": ("instruction", "output"), "text": ("text",)}
 
 
 @dataclass
@@ -180,6 +194,27 @@ def _check_column_map(column_map: dict | None) -> dict:
             raise SlimtuneError(f"column_map key {key!r} is not a field slimtune reads{hint}; keys are canonical "
                                 f"field names ({', '.join(CANONICAL_FIELDS)}) and values the names in your file")
     return column_map
+
+
+def _check_role_map(role_map: dict | None) -> dict:
+    """The known role aliases with `role_map` (name in the file → system, user or assistant) merged over them."""
+    for name, role in (role_map or {}).items():
+        if role not in ROLES:
+            raise SlimtuneError(f"dataset.role_map.{name}={role!r} is not a role slimtune trains on; map it to one of "
+                                f"{', '.join(ROLES)}")
+    return {**ROLE_ALIASES, **(role_map or {})}
+
+
+def iter_records(path: str | Path, column_map: dict, cache_dir: str | Path | None = None,
+                 task: str = "lm") -> Iterator[tuple[str, dict]]:
+    """(location, record) for each record of a JSON/JSONL file, or each row of a file or folder read through
+    `datasets` (see `slimtune.data.hf_datasets`: its columns are checked first against the format, lm or classify;
+    `cache_dir` holds what `datasets` converts parquet into)."""
+    from slimtune.data import hf_datasets
+
+    if hf_datasets.is_datasets_input(Path(path)):
+        return hf_datasets.iter_rows(path, cache_dir, column_map, task)
+    return iter_json_records(path)
 
 
 def iter_json_records(path: str | Path) -> Iterator[tuple[str, dict]]:
@@ -256,18 +291,40 @@ def _field(record: dict, name: str, column_map: dict, where: str, required: bool
     return value
 
 
-def _detect_format(record: dict, column_map: dict, where: str) -> str:
-    for fmt, key in (("chat", "messages"), ("alpaca", "instruction"), ("text", "text")):
-        if column_map.get(key, key) in record:
+def format_of(fields, column_map: dict) -> str | None:
+    """The format (chat, sharegpt, alpaca, text) whose key field is among `fields` (a record, or column names)."""
+    for fmt, key in (("chat", "messages"), ("sharegpt", "conversations"), ("alpaca", "instruction"), ("text", "text")):
+        if fmt == "sharegpt":
+            if "messages" not in column_map and key in fields:
+                return fmt
+        elif column_map.get(key, key) in fields:
             return fmt
-    raise SlimtuneError(
-        f"{where}: cannot tell the data format: the record has fields {', '.join(map(repr, record))}; expected "
-        "'messages' (chat), 'instruction' + 'output' (Alpaca) or 'text' (plain text). "
-        "Map other names with column_map, e.g. {\"instruction\": \"question\", \"output\": \"answer\"}"
-    )
+    return None
 
 
-def _chat_sample(record: dict, column_map: dict, where: str) -> Sample:
+FORMATS_EXPECTED = ("'messages' (chat), 'conversations' (ShareGPT), 'instruction' + 'output' (Alpaca) or 'text' "
+                    "(plain text)")
+
+
+def _detect_format(record: dict, column_map: dict, where: str) -> tuple[str, dict]:
+    """The format of a file from its first record, and the column map to read it with (ShareGPT's names added)."""
+    fmt = format_of(record, column_map)
+    if fmt is None:
+        raise SlimtuneError(
+            f"{where}: cannot tell the data format: the record has fields {', '.join(map(repr, record))}; expected "
+            f"{FORMATS_EXPECTED}. Map other names with column_map, e.g. {{\"instruction\": \"question\", "
+            "\"output\": \"answer\"}"
+        )
+    if fmt != "sharegpt":
+        return fmt, column_map
+    turns = record.get("conversations")
+    first = turns[0] if isinstance(turns, list) and turns else {}
+    # ShareGPT exports name the turn fields from/value; some use role/content inside `conversations`
+    names = SHAREGPT_FIELDS if isinstance(first, dict) and "from" in first else {"messages": "conversations"}
+    return "chat", {**names, **column_map}
+
+
+def _chat_sample(record: dict, column_map: dict, where: str, roles: dict) -> Sample:
     messages = _field(record, "messages", column_map, where, kind=list)
     role_key, content_key = column_map.get("role", "role"), column_map.get("content", "content")
     out = []
@@ -275,10 +332,12 @@ def _chat_sample(record: dict, column_map: dict, where: str) -> Sample:
         at = f"{where} message {j}"
         if not isinstance(message, dict):
             raise SlimtuneError(f"{at}: expected an object with {role_key!r} and {content_key!r}")
-        role = _field(message, "role", column_map, at)
-        role = ROLE_ALIASES.get(role, role)
+        name = _field(message, "role", column_map, at)
+        role = roles.get(name, name)
         if role not in ROLES:
-            raise SlimtuneError(f"{at}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+            known = ", ".join([*ROLES, *roles])
+            raise SlimtuneError(f"{at}: unknown role {name!r}; known roles are {known}. Map it to one with "
+                                f"dataset.role_map.{name}=assistant (or user, system)")
         out.append({"role": role, "content": _field(message, "content", column_map, at)})
     if not any(m["role"] == "assistant" for m in out):
         raise SlimtuneError(f"{where}: the conversation has no assistant message, so nothing to learn from")
@@ -296,13 +355,16 @@ def _alpaca_sample(record: dict, column_map: dict, where: str) -> Sample:
     return Sample(where, messages=messages)
 
 
-def read_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None) -> list[Sample]:
+def read_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None,
+                 role_map: dict | None = None, cache_dir: str | Path | None = None) -> list[Sample]:
     """Read an instruction/chat/text file into Samples (format detected from the first record; see module doc).
 
     A `.txt` file is one document, or several split on `text_separator` (e.g. "\\n\\n\\n"); empty ones are skipped.
+    Parquet/Arrow files and `datasets` folders are read through `datasets` (`cache_dir`: see `iter_records`).
     """
     path = Path(path)
     column_map = _check_column_map(column_map)
+    roles = _check_role_map(role_map)
     if path.suffix.lower() in (".txt", ".md"):
         if not path.is_file():
             raise SlimtuneError(f"data file {path} does not exist")
@@ -313,10 +375,11 @@ def read_samples(path: str | Path, column_map: dict | None = None, text_separato
             raise SlimtuneError(f"{path}: the file has no text (it is empty or holds only whitespace); check the path")
         return samples
     samples, fmt = [], None
-    for where, record in iter_json_records(path):
-        fmt = fmt or _detect_format(record, column_map, where)
+    for where, record in iter_records(path, column_map, cache_dir):
+        if fmt is None:
+            fmt, column_map = _detect_format(record, column_map, where)
         if fmt == "chat":
-            samples.append(_chat_sample(record, column_map, where))
+            samples.append(_chat_sample(record, column_map, where, roles))
         elif fmt == "alpaca":
             samples.append(_alpaca_sample(record, column_map, where))
         else:
@@ -358,10 +421,13 @@ class DataStats:
 
 @dataclass
 class TokenizedDataset(Sequence):
-    """A list of `Example`s plus the `DataStats` of how they were made; indexable, sized."""
+    """A sequence of `Example`s (a list, or memory-mapped from the tokenized cache) plus the `DataStats` of how they
+    were made; indexable, sized."""
 
-    examples: list[Example]
+    examples: Sequence[Example]
     stats: DataStats = field(default_factory=DataStats)
+    cached_in: Path | None = None
+    """The cache entry the examples were read back from (`slimtune.data.cache`); None when tokenized now."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -389,15 +455,17 @@ def _text_examples(tokenizer, text: str, max_seq_len: int, stats: DataStats) -> 
 
 
 def tokenize_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, template: str | None = None,
-                     source: str = "data") -> TokenizedDataset:
+                     source: str = "data", out=None) -> TokenizedDataset:
     """Tokenize Samples into Examples of at most `max_seq_len` tokens, truncating/dropping with counts and warnings.
 
-    Raises SlimtuneError when no example is left, saying why (so a bad max_seq_len never trains on nothing).
+    `out` receives the examples (`append`/`extend`): a new list by default, or a tokenized-cache entry that stores
+    them as compact arrays as they come (`slimtune.data.cache`). Raises SlimtuneError when no example is left,
+    saying why (so a bad max_seq_len never trains on nothing).
     """
     if max_seq_len < 2:
         raise SlimtuneError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
     stats = DataStats(records=len(samples))
-    examples: list[Example] = []
+    examples = [] if out is None else out
     if any(s.messages is not None for s in samples):
         resolve_chat_template(tokenizer, template)  # fail once, up front, rather than per record
     for sample in samples:
@@ -454,7 +522,42 @@ def pack_examples(dataset: TokenizedDataset, max_seq_len: int) -> TokenizedDatas
     if cur_ids:
         packs.append(Example(cur_ids, cur_labels, cur_pos))
     stats = DataStats(**{**dataset.stats.__dict__, "packed_sequences": len(packs)})
-    return TokenizedDataset(packs, stats)
+    return TokenizedDataset(packs, stats, dataset.cached_in)
+
+
+@dataclass
+class DataSource:
+    """One entry of `data=`: a file (or folder) and the column and role maps to read it with."""
+
+    path: str
+    column_map: dict
+    role_map: dict
+
+
+def data_sources(data: str | list, column_map: dict, role_map: dict) -> list[DataSource]:
+    """The entries of `data=` (one path, or a list of paths and {path, column_map, role_map} mappings); an entry's
+    own maps are merged over the dataset.column_map / dataset.role_map given for all."""
+    entries = data if isinstance(data, list) else [data]
+    out = []
+    for i, entry in enumerate(entries, start=1):
+        if isinstance(entry, str) and entry:
+            out.append(DataSource(entry, dict(column_map), dict(role_map)))
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise SlimtuneError(f"data entry {i} ({entry!r}) must be a path, or a mapping with a path and optionally "
+                                "its own column_map and role_map, e.g. {path: a.jsonl, column_map: {output: answer}}")
+        unknown = sorted(set(entry) - {"path", "column_map", "role_map"})
+        if unknown:
+            raise SlimtuneError(f"data entry {i} ({entry['path']}): unknown field(s) {', '.join(unknown)}; an entry "
+                                "has path, column_map and role_map")
+        maps = {}
+        for name, common in (("column_map", column_map), ("role_map", role_map)):
+            own = entry.get(name) or {}
+            if not isinstance(own, dict):
+                raise SlimtuneError(f"data entry {i} ({entry['path']}): {name} must be a mapping, got {own!r}")
+            maps[name] = {**common, **own}
+        out.append(DataSource(entry["path"], **maps))
+    return out
 
 
 def split_samples(samples: list, val_fraction: float, seed: int, source: str = "data") -> tuple[list, list]:
@@ -480,24 +583,44 @@ def split_samples(samples: list, val_fraction: float, seed: int, source: str = "
 
 def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, template: str | None = None,
                           column_map: dict | None = None, pack: bool = False, val_fraction: float = 0.0,
-                          val_path: str | Path | None = None, seed: int = 0,
-                          text_separator: str | None = None) -> tuple[TokenizedDataset, TokenizedDataset | None]:
+                          val_path: str | Path | None = None, seed: int = 0, text_separator: str | None = None,
+                          role_map: dict | None = None, cache: TokenCache | None = None
+                          ) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     """Read, format, tokenize, mask, truncate, split and (optionally) pack SFT data. Returns (train, val or None).
 
     Validation data comes from `val_path` when given (then all of `path` trains and `val_fraction` is ignored),
     else from a `val_fraction` of the records of `path` (chosen by `seed`). `template` names a fallback chat
-    template (or is a Jinja string); None uses the tokenizer's own.
+    template (or is a Jinja string); None uses the tokenizer's own. With a `cache` (`slimtune.data.cache`), tokenized
+    splits are read back from it when the data and every setting they depend on are unchanged, and stored otherwise.
     """
-    samples = read_samples(path, column_map, text_separator)
-    if val_path is not None:
-        train_samples, val_samples = samples, read_samples(val_path, column_map, text_separator)
-    else:
-        train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
-    train = tokenize_samples(train_samples, tokenizer, max_seq_len, template, source=str(path))
+    # datasets converts parquet into Arrow files once: next to the run's cache, except in a dry run (its own default)
+    cache_dir = cache.folder if cache is not None and cache.write else None
+
+    @functools.cache
+    def splits() -> tuple[list[Sample], list[Sample]]:
+        samples = read_samples(path, column_map, text_separator, role_map, cache_dir)
+        if val_path is not None:
+            return samples, read_samples(val_path, column_map, text_separator, role_map, cache_dir)
+        return split_samples(samples, val_fraction, seed, str(path))
+
+    def tokenized(side: int, source: str) -> TokenizedDataset:
+        def tokenize(out=None) -> TokenizedDataset:
+            return tokenize_samples(splits()[side], tokenizer, max_seq_len, template, source=source, out=out)
+
+        if cache is None:
+            return tokenize()
+        from slimtune.data.cache import files_fingerprint, tokenizer_fingerprint
+
+        key = {"data": files_fingerprint(path), "val_data": val_path and files_fingerprint(val_path),
+               "side": side, "val_fraction": val_fraction, "seed": seed, "tokenizer": tokenizer_fingerprint(tokenizer),
+               "template": template, "max_seq_len": max_seq_len, "column_map": column_map, "role_map": role_map,
+               "text_separator": text_separator}
+        return cache.get(key, tokenize)
+
+    train = tokenized(0, str(path))
     val = None
-    if val_samples:
-        val = tokenize_samples(val_samples, tokenizer, max_seq_len, template,
-                               source=str(val_path) if val_path else f"{path} (validation split)")
+    if val_path is not None or val_fraction > 0:
+        val = tokenized(1, str(val_path) if val_path else f"{path} (validation split)")
     if pack:
         train = pack_examples(train, max_seq_len)
         val = pack_examples(val, max_seq_len) if val is not None else None
@@ -513,7 +636,7 @@ def read_classification_samples(path: str | Path, column_map: dict | None = None
     """Read JSONL/JSON records with `text`, optional `text_pair` and `label` (int >= 0 or string)."""
     column_map = _check_column_map(column_map)
     samples = []
-    for where, record in iter_json_records(path):
+    for where, record in iter_records(path, column_map, task="classify"):
         text = _field(record, "text", column_map, where)
         pair = _field(record, "text_pair", column_map, where, required=False)
         label = _field(record, "label", column_map, where, kind=(int, str))
@@ -685,6 +808,103 @@ class InstructionBatches:
         self.epoch = state["epoch"]
         self.position = state["position"]
         self._order = self._permutation(self.epoch)
+
+
+class ConcatExamples(Sequence):
+    """Several datasets read as one, in order (the evaluation order of a mix; the plain concatenation of data files
+    given without weights)."""
+
+    def __init__(self, parts: Sequence[Sequence[Example]]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+
+class MixedBatches:
+    """Batches drawn from several datasets with mixing weights; deterministic and exactly resumable.
+
+    Every example slot of a global batch picks its dataset at random with probability weight / sum(weights): slot k
+    of the run (counted over all batches) uses the choices drawn from PCG64 seeded with (seed, k // CHOICE_BLOCK), so
+    a choice depends only on (seed, k). Each dataset hands out its examples in its own shuffled order, epoch after
+    epoch, as `InstructionBatches` does (permutation seeded with (seed, epoch, dataset index + 1)); a dataset drawn
+    more often than its size simply starts its next epoch. The state is the slot count and each dataset's epoch and
+    position. One epoch of the mix (`__len__`, what num_epochs counts) is as many examples as all datasets hold
+    together. Under data parallelism every rank draws the same global batches and takes its own slice.
+    """
+
+    CHOICE_BLOCK = 4096
+
+    def __init__(self, datasets: Sequence[Sequence[Example]], weights: Sequence[float], batch_size: int, seed: int,
+                 pad_id: int, rank: int = 0, world_size: int = 1):
+        if len(datasets) != len(weights):
+            raise SlimtuneError(f"dataset.weights={list(weights)} has {len(weights)} weights for {len(datasets)} data "
+                                f"files; give one weight per entry of data=")
+        total = float(sum(weights))
+        if total <= 0:
+            raise SlimtuneError(f"dataset.weights={list(weights)} must sum to a positive number")
+        self.datasets = list(datasets)
+        self.probabilities = np.asarray(weights, dtype=np.float64) / total
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        self.slots = 0
+        self.epochs = [0] * len(self.datasets)
+        self.positions = [0] * len(self.datasets)
+        self._orders = [self._permutation(i, 0) for i in range(len(self.datasets))]
+        self._choices: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self, index: int, epoch: int) -> np.ndarray:
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch, index + 1]))
+        return rng.permutation(len(self.datasets[index]))
+
+    def _choice(self, slot: int) -> int:
+        block = slot // self.CHOICE_BLOCK
+        if self._choices is None or self._choices[0] != block:
+            rng = np.random.Generator(np.random.PCG64([self.seed, block]))
+            self._choices = (block, rng.choice(len(self.datasets), size=self.CHOICE_BLOCK, p=self.probabilities))
+        return int(self._choices[1][slot % self.CHOICE_BLOCK])
+
+    def _next_example(self, index: int) -> Example:
+        if self.positions[index] == len(self.datasets[index]):
+            self.epochs[index] += 1
+            self.positions[index] = 0
+            self._orders[index] = self._permutation(index, self.epochs[index])
+        position = self.positions[index]
+        self.positions[index] += 1
+        return self.datasets[index][int(self._orders[index][position])]
+
+    def __len__(self) -> int:
+        """Batches per epoch of the mix."""
+        return -(-sum(len(d) for d in self.datasets) // self.global_batch)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        chosen = [self._choice(self.slots + j) for j in range(self.global_batch)]
+        self.slots += self.global_batch
+        examples = [self._next_example(i) for i in chosen]  # every rank advances every dataset alike
+        return collate(examples[self.rank * self.batch_size:(self.rank + 1) * self.batch_size], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"slots": self.slots, "epochs": list(self.epochs), "positions": list(self.positions), "seed": self.seed,
+                "num_examples": [len(d) for d in self.datasets], "probabilities": self.probabilities.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        now = {"num_examples": [len(d) for d in self.datasets], "probabilities": self.probabilities.tolist()}
+        if "slots" not in state or any(state[k] != v for k, v in now.items()):
+            raise SlimtuneError(f"cannot resume the data order: the checkpoint was taken on another mix of data "
+                                f"({state.get('num_examples')} examples), the data now has "
+                                f"{now['num_examples']} examples with shares {now['probabilities']}; use the same data "
+                                f"and dataset.weights")
+        self.seed, self.slots = state["seed"], state["slots"]
+        self.epochs, self.positions = list(state["epochs"]), list(state["positions"])
+        self._orders = [self._permutation(i, e) for i, e in enumerate(self.epochs)]
 
 
 def eval_batches(dataset: Sequence[Example], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:

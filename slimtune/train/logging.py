@@ -1,4 +1,5 @@
-"""Training records: one JSON line per logged step in `metrics.jsonl`, and a `loss.png` plot at the end."""
+"""Training records: one JSON line per logged step in `metrics.jsonl` (mirrored to the experiment trackers of
+`log.report_to`), and a `loss.png` plot at the end."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from slimtune.memory import format_bytes
+from slimtune.train.trackers import Trackers
 
 
 class MetricsLog:
-    """Append-only JSONL metrics, flushed per line so a crash loses nothing already logged."""
+    """Append-only JSONL metrics, flushed per line so a crash loses nothing already logged. Every record written
+    also goes to the run's experiment trackers (`trackers`, see `slimtune.train.trackers`; none until the run opens
+    them)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.trackers = Trackers()
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps > `step` (written by a run that died after its last checkpoint), so a resumed run's
@@ -31,6 +36,11 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.trackers.log(record)
+
+    def close(self) -> None:
+        """Finish the trackers (metrics.jsonl itself is always complete)."""
+        self.trackers.close()
 
     def read(self) -> list[dict]:
         if not self.path.is_file():

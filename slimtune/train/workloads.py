@@ -11,11 +11,13 @@ The loss of a batch is a *sum* over its targets (`loss_sum`), and `count_targets
 running the model: a strategy divides by the targets of the whole optimizer step (all micro-batches, all ranks), so
 gradient accumulation and data parallelism weigh every target token equally, however the tokens fall into
 micro-batches. Every workload's data state (`state_dict`) is small and exact, so a resumed run sees exactly the
-batches that an uninterrupted run would have seen.
+batches that an uninterrupted run would have seen. `batches_per_epoch` is the length of one pass over the data: it
+turns num_epochs into steps and marks the epochs in the log.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,6 +80,23 @@ class Workload:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def batches_per_epoch(self) -> int:
+        """Micro-batches (over all ranks together) in one pass over the training data."""
+        raise NotImplementedError
+
+    def steps_for_epochs(self, num_epochs: float, grad_accum: int) -> int:
+        """Optimizer steps of `num_epochs` passes over the training data (the last step may run into the next)."""
+        return max(1, math.ceil(num_epochs * self.batches_per_epoch() / grad_accum))
+
+    def epoch_events(self, step: int, grad_accum: int) -> list[dict]:
+        """An `epoch` record (with its terminal line) when the batches of `step` completed a pass over the data."""
+        per_epoch = self.batches_per_epoch()
+        done = step * grad_accum // per_epoch
+        if done == (step - 1) * grad_accum // per_epoch:
+            return []
+        return [{"kind": "epoch", "step": step, "epoch": done,
+                 "message": f"epoch {done} done at step {step} ({per_epoch} batches per epoch)"}]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # GPT from scratch on token memmaps
@@ -91,6 +110,9 @@ class LMWorkload(Workload):
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FOLDER (a folder written by `slimtune prepare`)")
+        if not isinstance(cfg.data, str):
+            raise SlimtuneError(f"data={cfg.data}: model=gpt trains on one folder written by `slimtune prepare`; "
+                                "prepare several text files into one folder instead")
         self.data_dir = Path(cfg.data)
         meta = read_meta(self.data_dir)
         g = cfg.gpt
@@ -104,6 +126,7 @@ class LMWorkload(Workload):
         self._eval = {split: windows(split, cfg.seed + 1) for split in ("train", "val")} if cfg.eval.interval else {}
         self.vocab_size = meta["vocab_size"]
         self.n_train_examples = max(1, meta["train_tokens"] // g.block_size)
+        self.global_batch = cfg.batch_size * world_size
 
     def model_spec(self) -> dict:
         return {"vocab_size": self.vocab_size}
@@ -151,6 +174,10 @@ class LMWorkload(Workload):
     def describe(self) -> str:
         return f"{self.n_train_examples:,} training windows from {self.data_dir}"
 
+    def batches_per_epoch(self) -> int:
+        # Windows start at random offsets: an epoch is as many windows as the tokens fill end to end.
+        return max(1, math.ceil(self.n_train_examples / self.global_batch))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Hugging Face models
@@ -160,15 +187,22 @@ class LMWorkload(Workload):
 class _HFWorkload(Workload):
     """Shared by the causal-LM and classifier workloads: batches of padded dicts, HF checkpoint files."""
 
-    def _init_batches(self, cfg, train, val, pad_id: int, rank: int, world_size: int, device):
-        from slimtune.data.instruct import InstructionBatches
+    def _init_batches(self, cfg, train: list, val: list, pad_id: int, rank: int, world_size: int, device):
+        """Batches over the training sets `train` (one per data file): mixed by dataset.weights when given, else
+        all their examples once per epoch. `val` holds the validation sets (evaluated as one)."""
+        from slimtune.data.instruct import ConcatExamples, InstructionBatches, MixedBatches
 
         self.cfg = cfg
         self.device = device
-        self.train_set, self.val_set = train, val
+        self.train_set = train[0] if len(train) == 1 else ConcatExamples(train)
+        self.val_set = None if not val else val[0] if len(val) == 1 else ConcatExamples(val)
         self.pad_id = pad_id
-        self.batches = InstructionBatches(train, cfg.batch_size, cfg.seed, pad_id, rank=rank, world_size=world_size)
-        self.n_train_examples = len(train)
+        if cfg.dataset.weights and len(train) > 1:
+            self.batches = MixedBatches(train, cfg.dataset.weights, cfg.batch_size, cfg.seed, pad_id, rank, world_size)
+        else:
+            self.batches = InstructionBatches(self.train_set, cfg.batch_size, cfg.seed, pad_id, rank=rank,
+                                              world_size=world_size)
+        self.n_train_examples = len(self.train_set)
         self.rank, self.world_size = rank, world_size
 
     def _to_device(self, batch: dict) -> dict:
@@ -211,28 +245,50 @@ class _HFWorkload(Workload):
 
         write_hf_metadata(model, self.tokenizer, folder)
 
+    def batches_per_epoch(self) -> int:
+        return len(self.batches)
+
     def describe(self) -> str:
         val = f", {len(self.val_set)} validation" if self.val_set is not None else ""
         return f"{len(self.train_set)} training sequences{val}"
 
 
 class HFCausalLMWorkload(_HFWorkload):
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
-        from slimtune.data.instruct import load_instruction_data
+    """Tokenized data is cached in out_dir/data-cache (`slimtune.data.cache`); `write_cache=False` only reads it."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True):
+        from slimtune.data.cache import FOLDER, TokenCache
+        from slimtune.data.instruct import data_sources, load_instruction_data
         from slimtune.models.hf import load_tokenizer, resolve_model
 
         if not cfg.data:
-            raise SlimtuneError("no data given: set data=FILE (Alpaca JSON/JSONL, chat JSONL or a .txt file)")
+            raise SlimtuneError("no data given: set data=FILE (Alpaca JSON/JSONL, chat JSONL, a .txt file, parquet, "
+                                "or a list of them)")
         d = cfg.dataset
         self.tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.hf.trust_remote_code)
-        train, val = load_instruction_data(
-            cfg.data, self.tokenizer, d.max_seq_len, template=d.chat_template or None,
-            column_map=dict(d.column_map) or None, pack=d.packing, val_fraction=d.held_out_fraction,
-            val_path=d.val_data or None, seed=cfg.seed,
-        )
+        self.cache = TokenCache(Path(cfg.out_dir) / FOLDER, write=write_cache)
+
+        def load(path: str, column_map: dict, role_map: dict, val_fraction: float):
+            return load_instruction_data(path, self.tokenizer, d.max_seq_len, template=d.chat_template or None,
+                                         column_map=column_map or None, pack=d.packing, val_fraction=val_fraction,
+                                         seed=cfg.seed, role_map=role_map or None, cache=self.cache)
+
+        # Each file keeps its own held-out share; dataset.val_data replaces them all.
+        parts = [load(s.path, s.column_map, s.role_map, 0.0 if d.val_data else d.held_out_fraction)
+                 for s in data_sources(cfg.data, d.column_map, d.role_map)]
+        train = [t for t, _ in parts]
+        if d.val_data:
+            val = [load(d.val_data, d.column_map, d.role_map, 0.0)[0]]
+        else:
+            val = [v for _, v in parts if v is not None]
+        self.from_cache = [t.cached_in for t in train if t.cached_in is not None]
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
+
+    def describe(self) -> str:
+        cached = f" (tokenized data read back from {self.cache.folder})" if self.from_cache else ""
+        return super().describe() + cached
 
     def count_targets(self, batch) -> int:
         from slimtune.train.loss import count_causal_targets
@@ -259,6 +315,8 @@ class HFClassifierWorkload(_HFWorkload):
 
         if not cfg.data:
             raise SlimtuneError("no data given: set data=FILE (JSONL with text, optional text_pair, and label)")
+        if not isinstance(cfg.data, str):
+            raise SlimtuneError(f"data={cfg.data}: hf.task=classify trains on one data file; join the files into one")
         d = cfg.dataset
         self.tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.hf.trust_remote_code)
         train, val, label2id = load_classification_data(
@@ -267,7 +325,7 @@ class HFClassifierWorkload(_HFWorkload):
         )
         self.label_names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
+        self._init_batches(cfg, [train], [val] if val is not None else [], pad_id, rank, world_size, device)
         self.label2id = label2id
 
     def model_spec(self) -> dict:
@@ -283,9 +341,10 @@ class HFClassifierWorkload(_HFWorkload):
         return f"{super().describe()}, {len(self.label2id)} labels"
 
 
-def build_workload(cfg, rank: int, world_size: int, device: torch.device) -> Workload:
+def build_workload(cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True) -> Workload:
+    """The workload of `cfg`; `write_cache=False` (a dry run) writes no tokenized-data cache."""
     if cfg.is_gpt:
         return LMWorkload(cfg, rank, world_size, device)
     if cfg.hf.task == "classify":
         return HFClassifierWorkload(cfg, rank, world_size, device)
-    return HFCausalLMWorkload(cfg, rank, world_size, device)
+    return HFCausalLMWorkload(cfg, rank, world_size, device, write_cache)

@@ -45,6 +45,12 @@ def _inputs(cwd: Path) -> dict[str, str]:
     (cwd / "reviews.jsonl").write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in
                                                [("good film", "pos"), ("awful plot", "neg")] * 6))
     (cwd / "prompts.jsonl").write_text(json.dumps({"prompt": "reverse: apple river"}) + "\n")
+    speakers = {"user": "human", "assistant": "tutor"}
+    (cwd / "sharegpt.jsonl").write_text("".join(json.dumps({"conversations": [
+        {"from": speakers[m["role"]], "value": m["content"]} for m in c["messages"]]}) + "\n" for c in chats))
+    import datasets
+
+    datasets.Dataset.from_list(chats).to_parquet(str(cwd / "chats.parquet"))
     corpus = "the quick brown fox jumps over the lazy dog. " * 200
     (cwd / "my_corpus.txt").write_text(corpus)
     (cwd / "corpus.txt").write_text(corpus)
@@ -85,6 +91,8 @@ def test_every_tour_command_runs(tmp_path, monkeypatch, capsys):
             monkeypatch.setattr(sys, "stdin", __import__("io").StringIO("hello\n/exit\n"))
         if argv[1] == "train":  # after the README's own keys (so ours win), before any --option
             at = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+            if any(a.startswith("num_epochs=") for a in argv):  # the README's run length is already short
+                extra = [e for e in extra if not e.startswith("max_iters=")]
             argv = argv[:at] + extra + argv[at:]
             extra = []
         code = cli.main(argv[1:] + extra)
