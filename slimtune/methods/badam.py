@@ -71,6 +71,12 @@ def analytic_state_bytes(n_active_params: int, weight_dtype: torch.dtype = torch
     return int(n_active_params) * per_param
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Entries of the whole parameter, also where DeepSpeed ZeRO-3 keeps only this rank's partition (an empty
+    `.data`; the whole count is its `ds_numel`)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
@@ -294,6 +300,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._stepped_in_backward: set[str] = set()
         self._warned_no_grad = False
+        self._engine_updates = False  # see `hand_updates_to_engine`
 
         for name, p in named:  # everything starts frozen; activation unfreezes what trains
             p.requires_grad_(False)
@@ -380,7 +387,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def active_numel(self) -> int:
         """Number of parameter entries trained at this step."""
-        return sum(self._params[n].numel() for n in self.active_parameter_names)
+        return sum(_numel(self._params[n]) for n in self.active_parameter_names)
 
     # -- activation -----------------------------------------------------------------------------------------------
 
@@ -391,6 +398,8 @@ class BlockOptimizer(torch.optim.Optimizer):
     def _activate_param(self, name: str, master: torch.Tensor | None = None) -> None:
         p = self._params[name]
         p.requires_grad_(True)
+        if self._engine_updates:
+            return
         if p.dtype in _LOW_PRECISION:
             self._masters[name] = master if master is not None else p.detach().float()
             self._hooks[name] = p.register_post_accumulate_grad_hook(self._accumulate_fp32)
@@ -517,11 +526,29 @@ class BlockOptimizer(torch.optim.Optimizer):
                         self._params[name].copy_(master)
                         # The fp32 buffer is ours: free it now, because model.zero_grad() (HF Trainer) cannot.
                         master.grad = None
+        self.count_step()
+        return loss
+
+    def count_step(self) -> None:
+        """Count one optimizer step of the active block and switch block when it is time. `step` calls it after
+        its update; an engine that updates the block itself (DeepSpeed, which holds the block's gradients and
+        optimizer state) calls it instead of `step`, then trains the parameters that now require grad."""
         self.global_step += 1
         self.step_in_block += 1
         if self.step_in_block >= self.switch_block_every:
             self._switch()
-        return loss
+
+    def hand_updates_to_engine(self) -> None:
+        """From now on an engine updates the active block (DeepSpeed, with its own fp32 master copies, gradient
+        buffers and optimizer state): this optimizer only schedules blocks, through `count_step` and
+        ``requires_grad``, and keeps no fp32 masters or gradient hooks of its own."""
+        self._engine_updates = True
+        for name in self.active_parameter_names:
+            handle = self._hooks.pop(name, None)
+            if handle is not None:
+                handle.remove()
+            self._masters.pop(name, None)
+        self._activate_block(self.current_block)  # the groups now hold the parameters themselves
 
     def _switch(self) -> None:
         self.step_in_block = 0
@@ -568,7 +595,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     def analytic_state_bytes(self, include_grads: bool = True) -> int:
         """`analytic_state_bytes` for the current active parameters, each with its own storage dtype."""
         return sum(
-            analytic_state_bytes(self._params[n].numel(), self._params[n].dtype, include_grads)
+            analytic_state_bytes(_numel(self._params[n]), self._params[n].dtype, include_grads)
             for n in self.active_parameter_names
         )
 
@@ -629,9 +656,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise SlimtuneError("inconsistent optimizer state: current_block does not match the saved block order.")
         self.step_in_block = int(state_dict["step_in_block"])
         self.global_step = int(state_dict["global_step"])
-        masters = {
-            n: m.to(device=self._params[n].device, dtype=torch.float32).clone() for n, m in state_dict["masters"].items()
-        }
+        masters = {n: _place_like(m, self._params[n], torch.float32) for n, m in state_dict["masters"].items()}
         for name in self._always_active:
             self._activate_param(name, masters.get(name))
         self._activate_block(self.current_block, masters)
@@ -653,7 +678,19 @@ def _restore(key: str, value, target: torch.Tensor):
         return value
     if key == "step" or not value.is_floating_point():
         return value.clone()
-    return value.to(device=target.device, dtype=target.dtype).clone()
+    return _place_like(value, target, target.dtype)
+
+
+def _place_like(value: torch.Tensor, target: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A saved whole tensor as a new tensor of `dtype` placed like `target`: on its device, and for a parameter that
+    a sharding strategy split over ranks (a DTensor, FSDP2), as this rank's shard of it. Every rank holds the whole
+    saved tensor, so no rank needs to send anything."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(value, DTensor):
+        whole = value.to(device=target.device_mesh.device_type, dtype=dtype)
+        return distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None)
+    return value.to(device=target.device, dtype=dtype).clone()
 
 
 def _hint(names: Sequence[str]) -> str:

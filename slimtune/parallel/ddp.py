@@ -5,6 +5,9 @@
 Every rank draws its own share of each global batch; the loss of a step is normalised by the target tokens of the
 whole global batch (counted on every rank and summed before backward), so N processes on batch_size B give the
 same gradients as one process on N x B.
+
+DDP fixes the parameters it averages when it wraps the model; a method that changes them (BAdam switching blocks)
+gets the model wrapped again after each change (`on_trainable_change`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ class DDP(Strategy):
 
     def setup(self, device: torch.device) -> torch.device:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise SlimtuneError("strategy=ddp needs torchrun: torchrun --nproc_per_node=N -m slimtune train ...")
+            raise SlimtuneError(f"strategy={self.name} needs torchrun: torchrun --nproc_per_node=N -m slimtune "
+                                f"train ... strategy={self.name}")
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
@@ -38,15 +42,37 @@ class DDP(Strategy):
         return device
 
     def check(self, method, model: nn.Module) -> None:
-        if not method.fixed_trainable_set:
+        if not method.fixed_trainable_set and type(self).wrap is not DDP.wrap:
+            # `on_trainable_change` re-wraps with DDP's own wrap; a subclass that wraps otherwise cannot follow.
             raise SlimtuneError(
-                f"method={method.name} cannot run under strategy=ddp: DDP fixes the set of parameters with gradients "
-                f"when it wraps the model, and {method.name} changes it during training. Train it in one process "
-                f"(strategy=single), or use a sharded strategy once it is available")
+                f"method={method.name} cannot run under strategy={self.name}: it changes which parameters train "
+                f"during the run, and strategy={self.name} fixes them when it wraps the model. Use strategy=ddp or "
+                f"strategy=fsdp")
+        low_precision = next((n for n, p in model.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)),
+                             None)
+        if not method.grads_in_param_grad and low_precision is not None:
+            raise SlimtuneError(
+                f"method={method.name} cannot run under strategy={self.name} with 16-bit weights ({low_precision}): "
+                f"its hooks move each 16-bit gradient into an fp32 buffer as soon as it is computed, before DDP "
+                f"averages it over the ranks. Set hf.weights_dtype=fp32 (runtime.precision still sets the compute "
+                f"dtype), or use strategy=fsdp, which averages first")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, init_sync: bool = True) -> nn.Module:
+        # DDP registers its gradient hooks on the parameters that train when it wraps the model.
+        self._wrapped_trainable = self._trainable(model)
         ids = [self.local_rank] if self._device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, init_sync=init_sync)
+
+    def on_trainable_change(self, model: nn.Module, forward_model: nn.Module) -> nn.Module:
+        # A method that changes what trains (BAdam switching blocks) gets a new DDP over the new set. The weights
+        # are equal on every rank since the first wrap's broadcast, so the new one skips it.
+        if self._trainable(model) == self._wrapped_trainable:
+            return forward_model
+        return self.wrap(model, init_sync=False)
+
+    @staticmethod
+    def _trainable(model: nn.Module) -> list[str]:
+        return [name for name, p in model.named_parameters() if p.requires_grad]
 
     def _no_sync(self, model: nn.Module, last: bool):
         # Only the last micro-batch of a step all-reduces gradients.
