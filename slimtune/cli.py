@@ -174,6 +174,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from slimtune.parallel.split import run
+
+    return run(args)
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "train": cmd_train,
@@ -186,6 +192,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "estimate": cmd_estimate,
     "quantize": cmd_quantize,
+    "split": cmd_split,
 }
 
 
@@ -318,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", action="store_true", help="train a small GPT from scratch on Python's docstrings")
     p.add_argument("--quick", action="store_true", help="with --scratch: a much shorter run (smoke test)")
     from slimtune.plan.cli import add_parser as add_estimate
+    from slimtune.parallel.split import add_parser as add_split
     from slimtune.quant.cli import add_parser as add_quantize
 
     add_estimate(sub)
     add_quantize(sub)
+    add_split(sub)
     return parser
 
 
