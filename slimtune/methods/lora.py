@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import re
 import shutil
 from contextlib import contextmanager
@@ -69,6 +70,51 @@ def require_bitsandbytes(what: str):
     return bitsandbytes
 
 
+NF4_BLOCK = 64
+"""Weights per NF4 scale (bitsandbytes' and torchao's default)."""
+
+
+def require_torchao(what: str):
+    import slimtune.models.hf  # noqa: F401  (quiets torchao's import-time logging)
+
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError:
+        raise SlimtuneError(f"{what} needs torchao, which is not installed: pip install 'slimtune[torchao]'") from None
+    return nf4_tensor
+
+
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A 4-bit weight: bitsandbytes' (packed bytes with a quant_state) or torchao's NF4 tensor."""
+    return getattr(weight, "quant_state", None) is not None or hasattr(weight, "quantized_data")
+
+
+def quantized_bytes(weight: torch.Tensor) -> int:
+    """Memory a 4-bit weight takes (its packed values and scales)."""
+    if hasattr(weight, "quantized_data"):  # torchao NF4: 4-bit codes, int8 block scales, fp32 scale-of-scales
+        return sum(t.numel() * t.element_size() for t in (weight.quantized_data, weight.quantized_scalers,
+                                                           weight.quantization_factor, weight.scaler_mean))
+    return weight.numel() * weight.element_size()
+
+
+def nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+    """Replace the weight of every linear layer but the output and classification heads by torchao's NF4 tensor
+    (frozen), one layer at a time, so at most one layer exists twice; products run in `compute_dtype`."""
+    nf4 = require_torchao("qlora.backend=torchao")
+    heads = head_names(model)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name not in heads and not is_quantized(module.weight):
+            n = module.weight.numel()
+            if n % NF4_BLOCK:
+                raise SlimtuneError(f"qlora.backend=torchao quantizes blocks of {NF4_BLOCK} weights; {name} has {n}. "
+                                    f"Use qlora.backend=bitsandbytes for this model")
+            # Scales are quantized in groups of up to 256 (fewer for layers too small for one group).
+            weight = module.weight.detach().to(compute_dtype)
+            quantized = nf4.to_nf4(weight, block_size=NF4_BLOCK, scaler_block_size=math.gcd(256, n // NF4_BLOCK))
+            module.weight = nn.Parameter(quantized, requires_grad=False)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Config sections
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,6 +146,9 @@ class LoraSection:
     adapter: str = ""
     """Start from this peft adapter folder (adapter_config.json + adapter_model.safetensors) instead of a fresh
     adapter; its rank, targets and scaling replace the keys above."""
+    badam: bool = False
+    """Train the adapters one block at a time with BAdam: only the active block's adapters have gradients and
+    optimizer state; badam.* sets the blocks and the switching."""
 
     def __post_init__(self):
         _check_lora_keys("lora", self)
@@ -127,6 +176,8 @@ class QloraSection:
     """Adapter initialisation (as lora.init)."""
     adapter: str = ""
     """Start from this peft adapter folder (as lora.adapter)."""
+    badam: bool = False
+    """Train the adapters one block at a time with BAdam (as lora.badam)."""
     quant_type: str = "nf4"
     """4-bit format of the frozen linear weights: nf4 (NormalFloat, for normally distributed weights) or fp4."""
     double_quant: bool = True
@@ -135,13 +186,18 @@ class QloraSection:
     """Dtype the 4-bit weights are dequantized to for each product: auto (bf16 where the device computes it
     natively, else fp32), fp32 or bf16."""
     backend: str = "bitsandbytes"
-    """Library that stores and multiplies the 4-bit weights (bitsandbytes runs on CPU and CUDA)."""
+    """Library that stores and multiplies the 4-bit weights: bitsandbytes (quantizes while loading; CPU and CUDA)
+    or torchao (its NF4 tensor, which FSDP2 shards; quantizes each linear layer right after loading; nf4 with
+    double quantization only)."""
 
     def __post_init__(self):
         _check_lora_keys("qlora", self)
         check_choice("qlora.quant_type", self.quant_type, ("nf4", "fp4"))
         check_choice("qlora.compute_dtype", self.compute_dtype, ("auto", "fp32", "bf16"))
-        check_choice("qlora.backend", self.backend, ("bitsandbytes",))
+        check_choice("qlora.backend", self.backend, ("bitsandbytes", "torchao"))
+        if self.backend == "torchao" and (self.quant_type != "nf4" or not self.double_quant):
+            raise SlimtuneError("qlora.backend=torchao stores NF4 with double quantization only: remove "
+                                "qlora.quant_type / qlora.double_quant, or use qlora.backend=bitsandbytes")
 
 
 def _check_lora_keys(section: str, o) -> None:
@@ -232,6 +288,7 @@ def fingerprint(model: nn.Module) -> str:
         if name.split(".")[0] in CLASSIFIER_HEADS:
             continue
         if torch.is_tensor(t) and "lora_" not in name and ".modules_to_save." not in name:
+            t = getattr(t, "quantized_data", t)  # torchao NF4: its 4-bit codes
             state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = t
     for name, t in sorted(state.items()):
         flat = t.detach().reshape(-1)
@@ -286,6 +343,8 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    if hasattr(weight, "quantized_data"):
+        return weight.get_original_weight().float()
     return weight.detach().float()
 
 
@@ -316,7 +375,7 @@ def merged_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
             for key, t in trained.state_dict().items():
                 out[f"{name}.{key}"] = t.detach().float()
             skip.add(name + ".")
-        elif isinstance(module, nn.Linear) and getattr(module.weight, "quant_state", None) is not None:
+        elif isinstance(module, nn.Linear) and is_quantized(module.weight):
             out[f"{name}.weight"] = dequantized_weight(module)
             if module.bias is not None:
                 out[f"{name}.bias"] = module.bias.detach().float()
@@ -348,14 +407,9 @@ def own_memory(model: nn.Module) -> None:
     import gc
 
     for p in model.parameters():
-        if getattr(p, "quant_state", None) is None:
+        if not is_quantized(p):
             p.data = p.data.clone()
     gc.collect()  # the mapping is released when its last view goes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Optimizers: AdamW, or bitsandbytes' 8-bit AdamW (optim.name)
-# ---------------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,6 +422,20 @@ class Lora(Method):
     """Adapters train; the base is frozen. Checkpoints hold the adapter only, in peft's format."""
 
     config_cls = LoraSection
+    also_reads = ("badam",)  # with lora.badam=true, the badam.* section sets the blocks
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._blocks = None
+        if self.options.badam:
+            from slimtune.methods.badam import BAdam
+
+            # BAdam over the adapters: its block optimizer trains only `lora_` parameters of the active block.
+            self._blocks = BAdam(cfg)
+            self.fixed_trainable_set, self.grads_in_param_grad = BAdam.fixed_trainable_set, BAdam.grads_in_param_grad
+        elif cfg.section("badam") != type(cfg.section("badam"))():
+            raise SlimtuneError(f"badam.* keys apply to method={self.name} only with {self.name}.badam=true (adapters "
+                                f"trained block by block); set {self.name}.badam=true or remove them")
 
     # -- model ----------------------------------------------------------------------------------------------------
 
@@ -420,13 +488,33 @@ class Lora(Method):
     # -- optimization ---------------------------------------------------------------------------------------------
 
     def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> torch.optim.Optimizer:
+        if self._blocks is not None:
+            return self._blocks.build_optimizer(model, ctx)
         o = self.cfg.optim
         return build_adam(decay_groups(model, o.weight_decay, o.decay_embeddings), self.cfg, ctx.device)
 
+    def clip_grad_norm_(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        if self._blocks is not None:
+            return self._blocks.clip_grad_norm_(model, optimizer, max_norm)
+        return super().clip_grad_norm_(model, optimizer, max_norm)
+
+    def on_start(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
+        return self._blocks.on_start(step, optimizer) if self._blocks is not None else []
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
+        return self._blocks.after_step(step, optimizer) if self._blocks is not None else []
+
+    def step_metrics(self, optimizer: torch.optim.Optimizer) -> dict:
+        return self._blocks.step_metrics(optimizer) if self._blocks is not None else {}
+
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
-    def save_weights(self, model: nn.Module, folder: Path) -> None:
-        self.peft_model.save_pretrained(str(folder))
+    def save_weights(self, model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        if state_dict is not None:  # keyed as the whole model (the peft model's base), but peft reads its own names
+            base = self.peft_model.get_base_model()  # `model` may be only this rank's part of it (a pipeline stage)
+            prefix = next(name for name, module in self.peft_model.named_modules() if module is base)
+            state_dict = {f"{prefix}.{key}": value for key, value in state_dict.items()}
+        self.peft_model.save_pretrained(str(folder), state_dict=state_dict)  # peft keeps the adapters' entries
         readme = folder / "README.md"  # peft's model-card template: not part of the adapter
         if readme.is_file():
             readme.unlink()
@@ -523,8 +611,9 @@ class Lora(Method):
         shown = ", ".join(sorted(targets)) if isinstance(targets, (set, list)) else str(targets)
         if len(shown) > 120:
             shown = shown[:117] + "..."
+        blocks = f"; adapters by blocks: {self._blocks.describe(model, optimizer)}" if self._blocks else ""
         return (f"method {self.name}: r={config.r} alpha={config.lora_alpha:g} on {shown}; "
-                f"{trainable / 1e6:.3f}M of {n / 1e6:.2f}M parameters train")
+                f"{trainable / 1e6:.3f}M of {n / 1e6:.2f}M parameters train{blocks}")
 
     def estimate_memory(self, spec, run):
         # The frozen base at its storage size, adapters at 16 bytes per parameter (fp32 weight, gradient, two
@@ -630,10 +719,13 @@ class Qlora(Lora):
         if self.cfg.is_gpt:
             raise SlimtuneError("method=qlora quantizes a Hugging Face model while loading it; model=gpt is built "
                                 "from scratch (use method=lora for it)")
+        o = self.options
+        if o.backend == "torchao":
+            require_torchao("qlora.backend=torchao")
+            return {}  # loaded as stored, then quantized layer by layer (`prepare`)
         require_bitsandbytes("method=qlora")
         from transformers import BitsAndBytesConfig
 
-        o = self.options
         compute = self.compute_dtype()
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=o.quant_type, bnb_4bit_use_double_quant=o.double_quant,
@@ -642,16 +734,24 @@ class Qlora(Lora):
     def prepare(self, model: nn.Module) -> nn.Module:
         # No prepare_model_for_kbit_training: it casts every frozen non-quantized tensor (embeddings, norms) to
         # fp32, which costs memory and changes nothing that trains.
-        own_memory(model)
+        own_memory(self._quantize(model))
         return super().prepare(model)
+
+    def _quantize(self, model: nn.Module) -> nn.Module:
+        """The torchao backend quantizes after loading; bitsandbytes already did while loading."""
+        return nf4_linears(model, self.compute_dtype()) if self.options.backend == "torchao" else model
+
+    def load_base(self, source: Path, trust_remote_code: bool = False):
+        model, tokenizer = super().load_base(source, trust_remote_code)
+        return self._quantize(model), tokenizer
 
     def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
         o = self.options
-        quantized = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
-                        if isinstance(m, nn.Linear) and getattr(m.weight, "quant_state", None) is not None)
+        quantized = sum(quantized_bytes(m.weight) for m in model.modules()
+                        if isinstance(m, nn.Linear) and is_quantized(m.weight))
         from slimtune.memory import format_bytes
 
-        return (f"{super().describe(model, optimizer)}; base linears in {o.quant_type}"
+        return (f"{super().describe(model, optimizer)}; base linears in {o.backend} {o.quant_type}"
                 f"{' + double quant' if o.double_quant else ''} ({format_bytes(quantized)}), compute "
                 f"{str(self.compute_dtype()).replace('torch.', '')}")
 

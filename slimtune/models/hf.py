@@ -30,6 +30,21 @@ import torch
 
 from slimtune.errors import SlimtuneError
 
+
+def _quiet_optional_imports() -> None:
+    """transformers imports torchao whenever it is installed; torchao then logs every CUDA-only kernel library it
+    cannot load, and torch warns about torchao's enum registrations: noise on every CPU run, nothing to act on.
+    Loggers the user has configured are left alone."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        log = logging.getLogger(name)
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.ERROR)
+
+
+_quiet_optional_imports()
+
 try:
     import transformers
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

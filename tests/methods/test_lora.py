@@ -237,3 +237,34 @@ def test_classifier_adapter_checkpoint_exports_merged(tmp_path):
     ids = torch.tensor([[1, 20, 30, 40, 2]])
     with torch.no_grad():
         assert (merged(ids).logits - ours.eval()(ids).logits).abs().max() < 1e-5
+
+
+def test_lora_with_badam_trains_one_blocks_adapters_at_a_time_and_resumes_exactly(llama_dir, chat_file, tmp_path):
+    """lora.badam=true: BAdam's blocks over the adapters; a switch every 2 steps, in ascending order."""
+    from safetensors.torch import load_file
+
+    extra = ("max_iters=4", "ckpt.interval=2", "ckpt.keep_last=0", "lora.badam=true", "badam.switch_every=2",
+             "badam.switch_mode=ascending", "lora.init=random")
+    assert cli.main(train_args(llama_dir, chat_file, tmp_path / "straight", *extra)) == 0
+    out = tmp_path / "straight"
+    records = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    switches = [(r["step"], r["block"]) for r in records if r["kind"] == "switch"]
+    assert [s for s, _ in switches] == [0, 2, 4] and switches[0][1] != switches[1][1]
+    # After 2 steps only block 0's adapters moved; after 4, block 1's too, and the others are still as initialised.
+    start = load_file(str(out / "step-000002" / "adapter_model.safetensors"))
+    end = load_file(str(out / "step-000004" / "adapter_model.safetensors"))
+    block0, block1 = switches[0][1], switches[1][1]
+    assert any(block0 in k for k in end) and any(block1 in k for k in end)
+    for name in end:
+        moved = not torch.equal(start[name], end[name])
+        assert moved == (block1 in name), name  # steps 3-4 trained block 1 only
+
+    assert cli.main(train_args(llama_dir, chat_file, tmp_path / "stopped", *extra)) == 0
+    shutil.rmtree(tmp_path / "stopped" / "step-000004")
+    assert cli.main(train_args(llama_dir, chat_file, tmp_path / "stopped", *extra)) == 0
+    assert losses(tmp_path / "stopped") == losses(out)
+
+
+def test_badam_keys_with_lora_need_lora_badam(llama_dir, chat_file, tmp_path, capsys):
+    assert cli.main(train_args(llama_dir, chat_file, tmp_path / "o", "badam.switch_every=2")) == 2
+    assert "badam.* keys apply to method=lora only with lora.badam=true" in capsys.readouterr().err

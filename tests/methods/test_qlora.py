@@ -193,3 +193,64 @@ def test_merged_export_requantized_on_request(llama_dir, chat_file, tmp_path, ca
     with torch.no_grad():
         a, b = requantized(IDS).logits, merged(IDS).logits
     assert (a - b).abs().max() < 0.1 * b.abs().max()  # close, not equal: 4 bits lose precision
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# qlora.backend=torchao: torchao's NF4 tensor instead of bitsandbytes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_torchao_backend_stores_nf4_trains_only_adapters_and_exports_merged(llama_dir, chat_file, tmp_path):
+    pytest.importorskip("torchao")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.finetune import open_causal_lm
+    from slimtune.train.loop import fit, setup
+
+    args = train_args(llama_dir, chat_file, tmp_path / "o", "max_iters=6", "qlora.backend=torchao")[1:]
+    run = setup(make_config(TrainConfig, overrides=args))
+    try:
+        linears = [m for m in run.model.modules() if isinstance(m, torch.nn.Linear)]
+        quantized = [m for m in linears if hasattr(m.weight, "quantized_data")]
+        assert len(quantized) == 2 * 7  # every projection of both blocks; the head stays as it is
+        assert all(not m.weight.requires_grad and m.weight.quantized_data.dtype == torch.uint8 for m in quantized)
+        trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+        fit(run)
+    finally:
+        run.strategy.teardown()
+    run_losses = losses(tmp_path / "o")
+    assert run_losses[6] < run_losses[1]
+    adapter = load_file(str(tmp_path / "o" / "step-000006" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+
+    ours, _ = open_causal_lm(str(tmp_path / "o"), device="cpu")  # base quantized again as in training
+    assert cli.main(["export", str(tmp_path / "o"), str(tmp_path / "merged"), "--merge"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", local_files_only=True).eval()
+    with torch.no_grad():
+        assert (merged(IDS).logits - ours(IDS).logits).abs().max() < 1e-4
+
+
+def test_torchao_backend_resumes_bit_identically(llama_dir, chat_file, tmp_path):
+    pytest.importorskip("torchao")
+    args = lambda out: train_args(llama_dir, chat_file, out, "max_iters=4", "ckpt.interval=2",  # noqa: E731
+                                  "ckpt.keep_last=0", "qlora.dropout=0.1", "qlora.backend=torchao")
+    assert cli.main(args(tmp_path / "straight")) == 0
+    assert cli.main(args(tmp_path / "stopped")) == 0
+    shutil.rmtree(tmp_path / "stopped" / "step-000004")
+    assert cli.main(args(tmp_path / "stopped")) == 0
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(a) == [1, 2, 3, 4] and a == b
+
+
+def test_torchao_backend_bad_keys_and_missing_library(llama_dir, monkeypatch):
+    from slimtune import methods
+
+    with pytest.raises(SlimtuneError, match="qlora.backend=torchao stores NF4 with double quantization only"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.backend=torchao",
+                                            "qlora.quant_type=fp4"])
+    monkeypatch.setitem(sys.modules, "torchao.quantization.quantize_.workflows.nf4", None)  # → ImportError
+    cfg = make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.backend=torchao"])
+    with pytest.raises(SlimtuneError, match=r"needs torchao.*pip install 'slimtune\[torchao\]'"):
+        methods.create(cfg).load_options()
