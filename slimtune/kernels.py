@@ -69,8 +69,10 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # A tensor subclass (torchao's NF4, a DTensor) keeps its own linear: oneDNN reads plain fp32 memory only.
     return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
-            and x.shape[-1] > 0 and not torch.is_autocast_enabled("cpu"))
+            and x.shape[-1] > 0 and not torch.is_autocast_enabled("cpu")
+            and type(weight) in (torch.Tensor, nn.Parameter))
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

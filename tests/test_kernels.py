@@ -144,3 +144,17 @@ def test_time_backends_leaves_global_rng_alone():
     times = kernels.time_backends(shape=(32, 16, 24), seconds=0.01)
     assert set(times) == {"aten", "onednn"} and all(t > 0 for t in times.values())
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+@needs_onednn
+def test_a_quantized_tensor_subclass_weight_keeps_its_own_linear():
+    """torchao's NF4 weight (qlora.backend=torchao) under runtime.matmul=onednn: its own linear, not oneDNN's."""
+    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+    layer = torch.nn.Linear(128, 64, bias=False)
+    layer.weight = torch.nn.Parameter(nf4.to_nf4(layer.weight.detach(), block_size=64, scaler_block_size=128),
+                                      requires_grad=False)
+    use_onednn_linear(layer)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert torch.allclose(y, x.detach() @ layer.weight.get_original_weight().t(), atol=1e-5)
