@@ -95,3 +95,9 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def param_numel(p) -> int:
+    """A parameter's whole element count, also where an engine has partitioned it away in place (DeepSpeed ZeRO-3
+    leaves `p.numel()` at 0 and keeps the count in `ds_numel`); FSDP2's DTensors report theirs already."""
+    return getattr(p, "ds_numel", None) or p.numel()

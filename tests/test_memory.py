@@ -75,3 +75,16 @@ def test_measured_memory_is_positive_and_formatted():
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 2**20) == "3.0 MiB"
     assert format_bytes(5 * 2**40) == "5120.0 GiB"
+
+
+def test_param_numel_counts_a_parameter_a_zero3_engine_partitioned_away():
+    from slimtune.memory import param_numel
+    from slimtune.methods.base import trainable_numel
+
+    whole = torch.nn.Parameter(torch.zeros(3, 4))
+    partitioned = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves in place, with the count beside it
+    partitioned.ds_numel = 12
+    assert param_numel(whole) == param_numel(partitioned) == 12
+    model = torch.nn.Module()
+    model.a, model.b = whole, partitioned
+    assert trainable_numel(model) == 24

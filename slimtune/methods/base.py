@@ -102,7 +102,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def trainable_numel(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from slimtune.memory import param_numel
+
+    return sum(param_numel(p) for p in model.parameters() if p.requires_grad)
 
 
 class Method:
@@ -197,7 +199,9 @@ class Method:
     # -- reporting ------------------------------------------------------------------------------------------------
 
     def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-        n = sum(p.numel() for p in model.parameters())
+        from slimtune.memory import param_numel
+
+        n = sum(param_numel(p) for p in model.parameters())
         return f"method {self.name}: {trainable_numel(model) / 1e6:.2f}M of {n / 1e6:.2f}M parameters train"
 
     def estimate_memory(self, spec: ModelSpec, run: RunSettings) -> Plan:

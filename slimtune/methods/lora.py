@@ -604,8 +604,10 @@ class Lora(Method):
     # -- reporting ------------------------------------------------------------------------------------------------
 
     def describe(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
+        from slimtune.memory import param_numel
+
         config = self.peft_model.peft_config[self.peft_model.active_adapter]
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(param_numel(p) for p in model.parameters())
         trainable = trainable_numel(model)
         targets = config.target_modules
         shown = ", ".join(sorted(targets)) if isinstance(targets, (set, list)) else str(targets)

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from slimtune.memory import param_numel
+
 
 def step_flops_per_token(model: nn.Module, forward_flops_per_token: float) -> float:
     params = list(model.parameters())  # registration order: input to output for the models slimtune trains
-    total = sum(p.numel() for p in params)
+    total = sum(param_numel(p) for p in params)
     if total == 0:
         return forward_flops_per_token
     first = next((i for i, p in enumerate(params) if p.requires_grad), None)
     if first is None:
         return forward_flops_per_token
-    above = sum(p.numel() for p in params[first:]) / total
-    trainable = sum(p.numel() for p in params if p.requires_grad)
+    above = sum(param_numel(p) for p in params[first:]) / total
+    trainable = sum(param_numel(p) for p in params if p.requires_grad)
     return forward_flops_per_token * (1 + above) + 2 * trainable
