@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import slimtune
+import slimtune.train  # the package itself is callable: slimtune.train(cfg)
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from slimtune.methods.base import Method
