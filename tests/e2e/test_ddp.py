@@ -51,6 +51,21 @@ def assert_same_losses(a: Path, b: Path, steps: int) -> None:
         assert r["val_loss"] == pytest.approx(s["val_loss"], abs=1e-5, rel=0)
 
 
+def write_ragged_chats(folder: Path) -> tuple[Path, Path]:
+    """16 chat records with few and many response tokens, and a validation file of 2 records (ONE batch of 2: rank 0
+    takes both, rank 1 evaluates nothing)."""
+    words = "apple river stone cloud hello world quick brown fox".split()
+
+    def chat(i):
+        answer = " ".join(words[: 1 + (i * 5) % 9] * (1 + i % 3))
+        return {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": answer}]}
+
+    train, val = folder / "train.jsonl", folder / "val.jsonl"
+    train.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(16)))
+    val.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(100, 102)))
+    return train, val
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_whole_batch(char_data, tmp_path):
     common = [f"data={char_data}", *TINY, "max_iters=6", "eval.interval=3", "log.interval=1", "runtime.threads=1"]
@@ -81,15 +96,7 @@ def test_ddp_fine_tune_weighs_tokens_and_evaluates_like_one_process(tmp_path):
     """Ragged instruction data (few and many response tokens per record) and a validation set of ONE batch: under
     DDP rank 1 has no validation batch at all; the reported validation loss must still be the whole set's."""
     llama = save_tiny_llama(tmp_path / "llama")
-    words = "apple river stone cloud hello world quick brown fox".split()
-
-    def chat(i):
-        answer = " ".join(words[: 1 + (i * 5) % 9] * (1 + i % 3))
-        return {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": answer}]}
-
-    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
-    train.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(16)))
-    val.write_text("".join(json.dumps(chat(i)) + "\n" for i in range(100, 102)))  # 2 records: rank 0 takes both
+    train, val = write_ragged_chats(tmp_path)
     common = [f"model={llama}", f"data={train}", f"dataset.val_data={val}", "max_iters=3", "eval.interval=3",
               "eval.iters=1", "log.interval=1", "log.progress=false", "log.plot=false", "optim.warmup_iters=0",
               "runtime.threads=1", "dataset.max_seq_len=64"]

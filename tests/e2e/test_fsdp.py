@@ -15,7 +15,7 @@ from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from slimtune.methods import create
 from slimtune.parallel.fsdp import FSDP, block_list
-from tests.e2e.test_ddp import assert_same_losses, records, torchrun
+from tests.e2e.test_ddp import assert_same_losses, records, torchrun, write_ragged_chats
 from tests.tiny_hf import one_torch_thread  # noqa: F401
 
 
@@ -23,17 +23,7 @@ from tests.tiny_hf import one_torch_thread  # noqa: F401
 def chat(tmp_path_factory) -> tuple[Path, Path]:
     """Ragged chat records (few and many response tokens), and a validation set of ONE batch: rank 1 evaluates
     nothing, and under FSDP2 every forward is collective, so evaluation must not depend on equal batch counts."""
-    d = tmp_path_factory.mktemp("chat")
-    words = "apple river stone cloud hello world quick brown fox".split()
-
-    def record(i):
-        answer = " ".join(words[: 1 + (i * 5) % 9] * (1 + i % 3))
-        return {"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": answer}]}
-
-    train, val = d / "train.jsonl", d / "val.jsonl"
-    train.write_text("".join(json.dumps(record(i)) + "\n" for i in range(16)))
-    val.write_text("".join(json.dumps(record(i)) + "\n" for i in range(100, 102)))
-    return train, val
+    return write_ragged_chats(tmp_path_factory.mktemp("chat"))
 
 
 def common(llama_dir, chat, steps: int) -> list[str]:
