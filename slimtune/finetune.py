@@ -20,17 +20,29 @@ from slimtune.train import checkpoint as ckpt_io
 def resolve_source(name_or_path: str) -> str:
     """A checkpoint folder for an out_dir (its newest checkpoint); anything else unchanged. GPT checkpoints are
     refused with the verb that handles them."""
+    gpt = _gpt_checkpoint(name_or_path)
+    if gpt is not None:
+        raise SlimtuneError(f"{gpt} is a checkpoint of slimtune's GPT; use `slimtune sample {gpt}` for it")
+    path = _checkpoint_folder(name_or_path)
+    return str(path) if (path / "model_config.json").is_file() else name_or_path
+
+
+def _checkpoint_folder(name_or_path: str) -> Path:
+    """`name_or_path` itself, or the newest checkpoint of an out_dir."""
     path = Path(name_or_path)
     if path.is_dir() and not (path / "config.json").is_file() and not (path / "model_config.json").is_file():
         latest = ckpt_io.latest_checkpoint(path)
         if latest is not None:
             path = latest
-    if (path / "model_config.json").is_file():
-        kind = ckpt_io.read_model_config(path).get("kind", "gpt")
-        if kind == "gpt":
-            raise SlimtuneError(f"{path} is a checkpoint of slimtune's GPT; use `slimtune sample {path}` for it")
-        return str(path)
-    return name_or_path
+    return path
+
+
+def _gpt_checkpoint(name_or_path: str) -> Path | None:
+    """The checkpoint folder when `name_or_path` is a checkpoint (or out_dir) of slimtune's GPT, else None."""
+    path = _checkpoint_folder(name_or_path)
+    if (path / "model_config.json").is_file() and ckpt_io.read_model_config(path).get("kind", "gpt") == "gpt":
+        return path
+    return None
 
 
 def open_causal_lm(name_or_path: str, device: str = "auto", trust_remote_code: bool = False):
@@ -123,10 +135,20 @@ def checkpoint_method(source: str):
 
 def export(source: str, out_dir: str, overwrite: bool = False, **options) -> Path:
     """Write `source` (a checkpoint, out_dir or model) as a folder other tools load without slimtune; how is the
-    method's business (`Method.export_checkpoint`; `options` are its export options, e.g. merge)."""
+    method's business (`Method.export_checkpoint`; `options` are its export options, e.g. merge). A checkpoint of
+    slimtune's GPT goes to a method that declares `exports_gpt` (bitnet: as transformers' GPTBigCode with BitNet
+    layers); the others refuse it."""
     from slimtune.models.hf import check_export_folder
 
     check_export_folder(out_dir, overwrite)
+    gpt = _gpt_checkpoint(source)
+    if gpt is not None:
+        method = checkpoint_method(str(gpt))
+        if not getattr(method, "exports_gpt", False):
+            raise SlimtuneError(f"{gpt} is a checkpoint of slimtune's GPT trained with method={method.name}, which "
+                                f"has no export; method=bitnet GPTs export (as transformers' GPTBigCode). Use "
+                                f"`slimtune sample {gpt}` for this one")
+        return method.export_checkpoint(gpt, Path(out_dir), overwrite=overwrite, **options)
     resolved = resolve_source(source)
     return checkpoint_method(resolved).export_checkpoint(Path(resolved), Path(out_dir), overwrite=overwrite,
                                                          **options)

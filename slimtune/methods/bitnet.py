@@ -11,7 +11,8 @@ Two uses:
   ``lam`` of every layer rises linearly from 0 (the pretrained model exactly) to 1 (full BitNet) over N steps.
 
 `slimtune export` writes a bitnet checkpoint in the packed format transformers' BitNet integration loads
-(`slimtune.quant.pack`).
+(`slimtune.quant.pack`): a Hugging Face model in its own class, slimtune's GPT as transformers'
+GPTBigCode (`slimtune.quant.gpt_export`, which says why that class and how the layers map).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ class Bitnet(Method):
     """AdamW on latent weights; attention and MLP projections compute with ternary weights and int8 inputs."""
 
     config_cls = BitnetConfig
+    exports_gpt = True
+    """`slimtune export` hands checkpoints of slimtune's GPT to this method (see `slimtune.finetune.export`)."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -186,10 +189,17 @@ class Bitnet(Method):
 
     def export_checkpoint(self, source: Path, out_dir: Path, *, overwrite: bool = False, **options) -> Path:
         """Pack the checkpoint's BitNet layers (four ternary values per byte + inverse scale) into a folder that
-        plain `transformers.AutoModelForCausalLM.from_pretrained` loads with its BitNet integration."""
+        plain `transformers.AutoModelForCausalLM.from_pretrained` loads with its BitNet integration. A GPT
+        checkpoint (``model=gpt``) is rebuilt as `slimtune sample` rebuilds it and exported as transformers'
+        GPTBigCode."""
         if options:
             raise SlimtuneError(f"method=bitnet has no export option {', '.join(options)}")
-        model, tokenizer = self.load_for_inference(source)
+        if _is_gpt_checkpoint(source):
+            from slimtune.sample import load_gpt_checkpoint
+
+            model, tokenizer, _ = load_gpt_checkpoint(source, "cpu")
+        else:
+            model, tokenizer = self.load_for_inference(source)
         return export_bitnet(model, tokenizer, out_dir, overwrite=overwrite)
 
     # -- reporting ------------------------------------------------------------------------------------------------
@@ -216,23 +226,39 @@ class Bitnet(Method):
                 + activation_bytes(spec, run.batch, run.seq, **run.activation_options()))
 
 
+def _is_gpt_checkpoint(source: Path) -> bool:
+    from slimtune.train import checkpoint as ckpt_io
+
+    return (Path(source) / "model_config.json").is_file() and \
+        ckpt_io.read_model_config(Path(source)).get("kind", "gpt") == "gpt"
+
+
 def export_bitnet(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a transformers model whose linears are `BitLinear`s as a packed BitNet folder (config.json with a
-    ``quantization_config`` of ``quant_method: bitnet``, model.safetensors, tokenizer); returns the folder."""
+    """Write a model whose linears are `BitLinear`s as a packed BitNet folder (config.json with a
+    ``quantization_config`` of ``quant_method: bitnet``, model.safetensors, tokenizer); returns the folder.
+
+    A Hugging Face model keeps its class; slimtune's GPT (with its slimtune tokenizer) becomes transformers'
+    GPTBigCode (`slimtune.quant.gpt_export`)."""
     from safetensors.torch import save_file
 
     from slimtune.quant.io import write_folder
     from slimtune.quant.pack import bitnet_quantization_config, export_bitlinear_state
 
     layers = _bitlinears(model)
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise SlimtuneError("BitNet export needs a Hugging Face causal LM; slimtune's own GPT has no transformers "
-                            "model class to load into")
+    if not layers:
+        raise SlimtuneError(f"{type(model).__name__} has no BitNet layers to pack; export a method=bitnet checkpoint")
     partial = [n for n, m in layers if m.lam < 1.0]
     if partial:
         raise SlimtuneError(f"this checkpoint is still warming up quantization (lam={layers[0][1].lam:g} < 1 in "
                             f"{partial[0]} and {len(partial) - 1} more): the packed format holds fully ternary layers "
                             f"only. Train past bitnet.warmup_steps and export a later checkpoint")
+    if _is_slimtune_gpt(model):
+        from slimtune.quant.gpt_export import export_gpt
+
+        return export_gpt(model, tokenizer, out_dir, overwrite=overwrite)
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise SlimtuneError(f"BitNet export needs a Hugging Face causal LM or slimtune's GPT, got "
+                            f"{type(model).__name__}")
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     for name, layer in layers:
         packed = export_bitlinear_state(layer, name=name)  # refuses an output size the format cannot hold

@@ -39,10 +39,13 @@ What Hugging Face transformers expects (read from transformers 5.x ``integration
   either all BitNet layers with it or none. (transformers' ``bitnet`` model family instead has
   ``attn_sub_norm`` / ``ffn_sub_norm`` modules in the model, outside the linear layers.)
 
-With ``lam=1`` this layer's forward equals transformers' ``bitlinear`` inference for the exported state (same
-weight codes by construction, same activation rounding); the only difference is where the two scales are
-applied (before the matmul here, after it there), i.e. float rounding, ~1e-6 relative in fp32. transformers
-decorates its helpers with ``torch.compile``; the comparison in the tests runs them eagerly.
+With ``lam=1`` this layer computes as transformers' ``bitlinear`` inference does for the exported state: the same
+weight codes (by construction) and activation codes, an integer-valued matmul of the codes, then one division by
+``weight_scale * s`` (`ternary_linear`), so in fp32 the outputs are bit-identical. That matters beyond the
+last digit: dequantizing first (``codes / s`` times ``codes / weight_scale``) differs by ~1e-7 relative, and such a
+difference occasionally moves a downstream activation across a rounding boundary of its 8-bit code, after
+which an exported model disagreed with slimtune by more than 1e-3 in its logits. transformers decorates its
+helpers with ``torch.compile``; the comparison in the tests runs them eagerly.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ __all__ = [
     "RMSNorm",
     "quantize_activations",
     "quantize_weight",
+    "ternary_linear",
     "ternary_weight_codes",
     "token_activation_codes",
 ]
@@ -105,6 +109,28 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
     """The per-token 8-bit approximation of ``x``, in its dtype, without gradient."""
     codes, s = token_activation_codes(x)
     return codes.to(x.dtype) / s
+
+
+def ternary_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear`` of the full-strength (lam=1) BitNet quantizations of ``x`` and ``weight``, in transformers' order.
+
+    Value: ``F.linear(x_codes, w_codes) / (inv_scale * s)``. The matmul of integer codes is exact in fp32 (every
+    sum is an integer of magnitude at most 128 * in_features, below 2**24 up to 131072 inputs), so the one rounding
+    is the division's, whatever order the matmul kernel sums in; this is what transformers' ``bitlinear`` layer
+    computes (see the module docstring).
+    The scales are cast to the input dtype, as transformers stores ``weight_scale`` in the model dtype.
+
+    Gradient: straight through both quantizers, as in the dequantize-first form ``F.linear(x', W')``:
+    ``dL/dx = g W'`` and ``dL/dW = g^T x'``. The codes carry ``s * (x - x.detach())`` and
+    ``inv_scale * (W - W.detach())``, exact zeros in value whose gradients the division by ``inv_scale * s``
+    scales back.
+    """
+    x_codes, s = token_activation_codes(x)
+    w_codes, inv_scale = ternary_weight_codes(weight)
+    inv_scale = inv_scale.to(weight.dtype)
+    xq = x_codes.to(x.dtype) + s * (x - x.detach())
+    wq = w_codes.to(weight.dtype) + inv_scale * (weight - weight.detach())
+    return F.linear(xq, wq) / (inv_scale.to(x.dtype) * s)
 
 
 def _straight_through_blend(x: torch.Tensor, quantized: torch.Tensor, lam: float) -> torch.Tensor:
@@ -222,6 +248,8 @@ class BitLinear(nn.Linear):
             x = self.rms_norm(x)
         if self._lam == 0.0:
             return F.linear(x, self.weight)  # skip the quantizers: nothing of them would reach the output
+        if self._lam == 1.0:
+            return ternary_linear(x, self.weight)
         weight = _straight_through_blend(self.weight, quantize_weight(self.weight), self._lam)
         x = _straight_through_blend(x, quantize_activations(x), self._lam)
         return F.linear(x, weight)
@@ -235,8 +263,8 @@ class PackedBitLinear(nn.Module):
 
     Buffers ``weight`` (int8 codes in {-1, 0, 1}, shape ``(out, in)``) and ``weight_scale`` (shape ``(1,)``, the
     *inverse* scale ``1 / mean|W|``, as transformers' ``bitlinear`` stores it), optional ``rms_norm``. The forward
-    is `BitLinear`'s at ``lam=1`` for the weight these codes came from, bit for bit: weight ``codes / weight_scale``
-    and per-token int8 inputs.
+    is `BitLinear`'s at ``lam=1`` for the weight these codes came from, bit for bit: per-token int8 inputs times
+    the codes, divided by ``weight_scale * s`` (`ternary_linear`).
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
@@ -251,9 +279,9 @@ class PackedBitLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in_features) -> (..., out_features)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        inv_scale = self.weight_scale.float().reshape(())
-        weight = (self.weight.float() / inv_scale).to(x.dtype)
-        return F.linear(quantize_activations(x), weight)
+        x_codes, s = token_activation_codes(x)
+        inv_scale = self.weight_scale.float().reshape(()).to(x.dtype)
+        return F.linear(x_codes.to(x.dtype), self.weight.to(x.dtype)) / (inv_scale * s)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ternary (unpacked)"

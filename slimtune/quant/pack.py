@@ -102,10 +102,13 @@ def export_bitlinear_state(
     linear_class: str = "bitlinear",
     dtype: torch.dtype | None = None,
     name: str | None = None,
+    row_order: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors transformers' offline BitNet layer of ``linear_class`` loads, keyed as in its state dict.
 
-    * ``weight``: uint8 ``(out // 4, in)``, the packed absmean ternary codes of ``layer.weight``;
+    * ``weight``: uint8 ``(out // 4, in)``, the packed absmean ternary codes of ``layer.weight``, with its output
+      rows in ``row_order`` when given (a permutation of ``range(out)``: a fused layer laid out as another
+      architecture expects it; exact, since the one scale per tensor does not depend on the order);
     * ``weight_scale``: shape ``(1,)`` in ``dtype`` (default: the weight's dtype). For ``"bitlinear"`` (the
       default class) it is the inverse scale ``1 / mean|W|`` (the layer divides by it); for
       ``"autobitlinear"`` it is ``mean|W|`` (the layer multiplies by it);
@@ -122,6 +125,11 @@ def export_bitlinear_state(
     name = name or layer.layer_name
     dtype = dtype or layer.weight.dtype
     codes, inv_scale = ternary_weight_codes(layer.weight)
+    if row_order is not None:
+        if not torch.equal(torch.sort(row_order).values, torch.arange(layer.out_features)):
+            raise SlimtuneError(f"row_order{_where(name)} must be a permutation of its {layer.out_features} output "
+                                f"rows")
+        codes = codes[row_order]
     scale = inv_scale if linear_class == "bitlinear" else 1.0 / inv_scale
     state = {
         "weight": pack_ternary(codes, name=name),

@@ -85,8 +85,12 @@ def test_dequantized_activations_within_half_step():
 def test_full_strength_forward_uses_quantized_weight_and_activations():
     layer = _layer()
     x = _x(2, 5, 48)
-    expected = F.linear(quantize_activations(x), quantize_weight(layer.weight))
-    assert torch.equal(layer(x), expected)
+    # Computed in transformers' order: an integer-valued matmul of the codes, then both scales at once ...
+    x_codes, s = token_activation_codes(x)
+    w_codes, inv_scale = ternary_weight_codes(layer.weight)
+    assert torch.equal(layer(x), F.linear(x_codes.float(), w_codes.float()) / (inv_scale * s))
+    # ... which is the dequantize-first product up to float rounding.
+    torch.testing.assert_close(layer(x), F.linear(quantize_activations(x), quantize_weight(layer.weight)))
     assert not torch.allclose(layer(x), F.linear(x, layer.weight), atol=1e-3)
 
 
@@ -202,7 +206,7 @@ def test_transformers_bitlinear_loads_the_export_and_computes_the_same(hf_bitnet
     x[1, 4] = 0.0  # a silent token: the absmax floor keeps both finite
     x[2, 2, 7] = 60.0  # an outlier token
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-3, rtol=0)
+        assert torch.equal(ours(x), theirs(x))  # same codes, same order of operations
         # and the pieces agree exactly: weight codes, activation codes and scales
         codes, _ = ternary_weight_codes(ours.weight)
         assert torch.equal(hf_bitnet.unpack_weights(theirs.weight, dtype=torch.float32), codes.float())
@@ -213,8 +217,8 @@ def test_transformers_bitlinear_loads_the_export_and_computes_the_same(hf_bitnet
 
 
 def test_transformers_bitlinear_in_bfloat16(hf_bitnet):
-    # transformers computes the activation codes in the model dtype and applies both scales after an integer-valued
-    # bf16 matmul; slimtune dequantizes before the matmul. Same codes, so outputs differ by bf16 rounding only.
+    # transformers computes the activation codes in the model dtype and applies both scales (the weight's stored in
+    # bf16) after an integer-valued bf16 matmul; slimtune does the same.
     ours = _layer(256, 128, seed=6, dtype=torch.bfloat16)
     theirs = hf_bitnet.BitLinear(256, 128, bias=False, dtype=torch.bfloat16)
     state = export_bitlinear_state(ours)
@@ -224,7 +228,7 @@ def test_transformers_bitlinear_in_bfloat16(hf_bitnet):
     with torch.no_grad():
         ours_y, theirs_y = ours(x), theirs(x)
         assert torch.equal(theirs.activation_quant(x)[0], token_activation_codes(x)[0])
-    torch.testing.assert_close(ours_y.float(), theirs_y.float(), atol=2e-2, rtol=1.6e-2)
+    assert torch.equal(ours_y, theirs_y)
 
 
 def test_transformers_autobitlinear_offline_and_online(hf_bitnet):

@@ -114,3 +114,13 @@ def test_quantization_config_is_what_transformers_reads():
         bitnet_quantization_config(quantization_mode="online")
     with pytest.raises(SlimtuneError, match="offline, online"):
         bitnet_quantization_config(quantization_mode="lazy")
+
+
+def test_row_order_permutes_the_packed_rows_and_keeps_the_one_scale():
+    layer = BitLinear(16, 12)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    plain, permuted = export_bitlinear_state(layer), export_bitlinear_state(layer, row_order=order)
+    assert torch.equal(unpack_ternary(permuted["weight"], 12), unpack_ternary(plain["weight"], 12)[order])
+    assert torch.equal(permuted["weight_scale"], plain["weight_scale"])
+    with pytest.raises(SlimtuneError, match=r"row_order of layer 'qkv' must be a permutation of its 12"):
+        export_bitlinear_state(layer, row_order=torch.zeros(12, dtype=torch.long), name="qkv")
