@@ -1,16 +1,22 @@
-"""Tokenized training data cached next to the run, so a repeated or resumed run reads its sequences back
-(memory-mapped) instead of reading and tokenizing the data again.
+"""Tokenized data as compact arrays, and the cache of them next to the run, so a repeated or resumed run reads its
+sequences back (memory-mapped) instead of reading and tokenizing the data again.
 
-One folder per entry under `out_dir/data-cache/`, named by a hash of everything the sequences depend on: the data
-file (path, size and modification time of each file), the tokenizer (its serialized vocabulary and rules, and its
-chat template), the chat template chosen, max_seq_len, the column and role maps, and the split (which side,
+Sequences are never held as Python lists of Python ints: `ExampleWriter` appends each tokenized example to three
+flat arrays (every input id back to back, the labels alike, and where each example starts), and `TokenArrays` is the
+indexable view over such arrays that training reads, in memory or memory-mapped from `.npy` files. Classification
+data stores one label per example instead of one per token.
+
+One cache entry per folder under `out_dir/data-cache/`, named by a hash of everything the sequences depend on: the
+data file (path, size and modification time of each file), the tokenizer (its serialized vocabulary and rules, and
+its chat template), the chat template chosen, max_seq_len, the column and role maps, and the split (which side,
 val_fraction, seed). A changed file or setting gives a new entry; nothing is ever reused for different inputs.
 
-An entry holds `input_ids.npy` and `labels.npy` (every sequence back to back), `offsets.npy` (where each starts, one
-more than there are sequences) and `stats.json` (the `DataStats` of the first tokenization). Tokenization writes into
-a new entry as it goes (compact int32 arrays, not lists of Python ints) and training reads the entry memory-mapped,
-the first time too. Entries are written to a temporary folder and renamed into place, so processes that tokenize at
-the same time never see half an entry.
+An entry holds `input_ids.npy`, `labels.npy`, `offsets.npy` (where each example starts, one more than there are
+examples), `entry.json` (whether labels are per example, and what the caller stores beside the sequences, e.g. a
+classifier's label names) and, written
+last, `stats.json` (the `DataStats` of the first tokenization). Tokenization writes into a new entry as it goes and
+training reads the entry memory-mapped, the first time too. Entries are written to a temporary folder and renamed
+into place, so processes that tokenize at the same time never see half an entry.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ if TYPE_CHECKING:
     from slimtune.data.instruct import TokenizedDataset
 
 FOLDER = "data-cache"
-VERSION = 1
-"""Bumped when the tokenization changes, so entries written by an older slimtune are not reused."""
+VERSION = 2
+"""Bumped when the tokenization or the split changes, so entries written by an older slimtune are not reused
+(2: validation records chosen by numpy's PCG64, classification data cached)."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -55,13 +62,23 @@ def files_fingerprint(path: str | Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-class MappedExamples(Sequence):
-    """The sequences of a cache entry, memory-mapped: `Example`s made on access."""
+class TokenArrays(Sequence):
+    """Examples stored as flat arrays; `Example`s are made on access.
 
-    def __init__(self, folder: Path):
-        self.input_ids = np.load(folder / "input_ids.npy", mmap_mode="r")
-        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
-        self.offsets = np.load(folder / "offsets.npy")
+    ``input_ids`` holds every example's ids back to back and ``offsets[i]:offsets[i + 1]`` is example i's span.
+    ``labels`` is aligned with ``input_ids`` (language modelling), or holds one class id per example when
+    ``per_example_labels`` (classification)."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray,
+                 per_example_labels: bool = False):
+        self.input_ids, self.labels, self.offsets = input_ids, labels, offsets
+        self.per_example_labels = per_example_labels
+
+    @classmethod
+    def load(cls, folder: Path, per_example_labels: bool = False) -> TokenArrays:
+        """The arrays of a cache entry, the token arrays memory-mapped."""
+        return cls(np.load(folder / "input_ids.npy", mmap_mode="r"), np.load(folder / "labels.npy", mmap_mode="r"),
+                   np.load(folder / "offsets.npy"), per_example_labels)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -72,21 +89,32 @@ class MappedExamples(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(i)
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return Example(self.input_ids[start:end].tolist(), self.labels[start:end].tolist())
+        labels = int(self.labels[i]) if self.per_example_labels else self.labels[start:end].tolist()
+        return Example(self.input_ids[start:end].tolist(), labels)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of every example (an array)."""
+        return np.diff(self.offsets)
+
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
 
 
-class EntryWriter:
-    """A cache entry being written: examples appended as they are tokenized, kept as compact int32 arrays (not lists
-    of Python ints), saved by `close`."""
+class ExampleWriter:
+    """Examples appended as they are tokenized, kept as compact int32 arrays (4 bytes a token, not a Python list of
+    Python ints); `arrays()` views them in memory, `save(folder)` writes them as a cache entry's files."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, per_example_labels: bool = False):
+        self.per_example_labels = per_example_labels
         self.input_ids, self.labels = array("i"), array("i")
         self.offsets = array("q", [0])
 
     def append(self, example) -> None:
         self.input_ids.extend(example.input_ids)
-        self.labels.extend(example.labels)
+        if self.per_example_labels:
+            self.labels.append(example.labels)
+        else:
+            self.labels.extend(example.labels)
         self.offsets.append(len(self.input_ids))
 
     def extend(self, examples) -> None:
@@ -96,12 +124,19 @@ class EntryWriter:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def close(self, stats) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        np.save(self.folder / "input_ids.npy", np.frombuffer(self.input_ids, dtype=np.int32))
-        np.save(self.folder / "labels.npy", np.frombuffer(self.labels, dtype=np.int32))
-        np.save(self.folder / "offsets.npy", np.frombuffer(self.offsets, dtype=np.int64))
-        (self.folder / "stats.json").write_text(json.dumps(asdict(stats)))  # last: marks the entry complete
+    def arrays(self) -> TokenArrays:
+        return TokenArrays(np.frombuffer(self.input_ids, dtype=np.int32), np.frombuffer(self.labels, dtype=np.int32),
+                           np.frombuffer(self.offsets, dtype=np.int64), self.per_example_labels)
+
+    def save(self, folder: Path, stats, extra: dict | None = None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = self.arrays()
+        np.save(folder / "input_ids.npy", arrays.input_ids)
+        np.save(folder / "labels.npy", arrays.labels)
+        np.save(folder / "offsets.npy", arrays.offsets)
+        (folder / "entry.json").write_text(json.dumps({"per_example_labels": self.per_example_labels,
+                                                       "extra": extra or {}}))
+        (folder / "stats.json").write_text(json.dumps(asdict(stats)))  # last: marks the entry complete
 
 
 class TokenCache:
@@ -111,25 +146,33 @@ class TokenCache:
         self.folder = Path(folder)
         self.write = write
 
-    def get(self, key: dict, tokenize: Callable[[list | EntryWriter], TokenizedDataset]) -> TokenizedDataset:
-        """The entry for `key` (a JSON-able dict); when there is none, `tokenize(out)` tokenizes into `out` (a new
-        entry, or a list when nothing may be written) and the result is read back from the new entry."""
+    def entry(self, key: dict) -> Path:
+        return self.folder / hashlib.sha256(json.dumps({"version": VERSION, **key}, sort_keys=True,
+                                                       default=str).encode()).hexdigest()[:20]
+
+    def get(self, key: dict, tokenize: Callable[[ExampleWriter], TokenizedDataset],
+            per_example_labels: bool = False) -> TokenizedDataset:
+        """The entry for `key` (a JSON-able dict); when there is none, `tokenize(out)` tokenizes into `out` (an
+        `ExampleWriter`) and the result is stored as a new entry (unless nothing may be written) and read back
+        memory-mapped. The returned dataset's ``extra`` is what the tokenization's result carried in its own."""
         from slimtune.data.instruct import DataStats, TokenizedDataset
 
-        entry = self.folder / hashlib.sha256(json.dumps({"version": VERSION, **key}, sort_keys=True,
-                                                        default=str).encode()).hexdigest()[:20]
+        entry = self.entry(key)
         if (entry / "stats.json").is_file():
             stats = DataStats(**json.loads((entry / "stats.json").read_text()))
-            return TokenizedDataset(MappedExamples(entry), stats, cached_in=entry)
+            info = json.loads((entry / "entry.json").read_text())
+            return TokenizedDataset(TokenArrays.load(entry, info["per_example_labels"]), stats, cached_in=entry,
+                                    extra=info["extra"])
+        writer = ExampleWriter(per_example_labels)
+        made = tokenize(writer)
         if not self.write:
-            return tokenize([])
-        writer = EntryWriter(entry.with_name(f"{entry.name}.tmp-{os.getpid()}"))
-        stats = tokenize(writer).stats
-        writer.close(stats)
+            return made
+        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
+        writer.save(tmp, made.stats, made.extra)
         try:
-            os.replace(writer.folder, entry)
+            os.replace(tmp, entry)
         except OSError:
             if not (entry / "stats.json").is_file():
                 raise
-            shutil.rmtree(writer.folder)  # another process stored the same entry first: theirs is identical
-        return TokenizedDataset(MappedExamples(entry), stats)
+            shutil.rmtree(tmp)  # another process stored the same entry first: theirs is identical
+        return TokenizedDataset(TokenArrays.load(entry, per_example_labels), made.stats, extra=made.extra)

@@ -31,10 +31,10 @@ import difflib
 import functools
 import json
 import logging
-import random
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import jinja2
@@ -355,9 +355,10 @@ def _alpaca_sample(record: dict, column_map: dict, where: str) -> Sample:
     return Sample(where, messages=messages)
 
 
-def read_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None,
-                 role_map: dict | None = None, cache_dir: str | Path | None = None) -> list[Sample]:
-    """Read an instruction/chat/text file into Samples (format detected from the first record; see module doc).
+def iter_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None,
+                 role_map: dict | None = None, cache_dir: str | Path | None = None) -> Iterator[Sample]:
+    """The records of an instruction/chat/text file as Samples, one at a time (format detected from the first
+    record; see the module doc). A file without records is an error, raised once the file is exhausted.
 
     A `.txt` file is one document, or several split on `text_separator` (e.g. "\\n\\n\\n"); empty ones are skipped.
     Parquet/Arrow files and `datasets` folders are read through `datasets` (`cache_dir`: see `iter_records`).
@@ -366,25 +367,60 @@ def read_samples(path: str | Path, column_map: dict | None = None, text_separato
     column_map = _check_column_map(column_map)
     roles = _check_role_map(role_map)
     if path.suffix.lower() in (".txt", ".md"):
-        if not path.is_file():
-            raise SlimtuneError(f"data file {path} does not exist")
-        text = path.read_text(encoding="utf-8-sig")
-        docs = text.split(text_separator) if text_separator else [text]
-        samples = [Sample(f"{path} document {i}", text=d) for i, d in enumerate(docs, start=1) if d.strip()]
-        if not samples:
+        docs = _text_documents(path, text_separator)
+        if not docs:
             raise SlimtuneError(f"{path}: the file has no text (it is empty or holds only whitespace); check the path")
-        return samples
-    samples, fmt = [], None
+        for i, doc in docs:
+            yield Sample(f"{path} document {i}", text=doc)
+        return
+    fmt, n = None, 0
     for where, record in iter_records(path, column_map, cache_dir):
         if fmt is None:
             fmt, column_map = _detect_format(record, column_map, where)
+        n += 1
         if fmt == "chat":
-            samples.append(_chat_sample(record, column_map, where, roles))
+            yield _chat_sample(record, column_map, where, roles)
         elif fmt == "alpaca":
-            samples.append(_alpaca_sample(record, column_map, where))
+            yield _alpaca_sample(record, column_map, where)
         else:
-            samples.append(Sample(where, text=_field(record, "text", column_map, where)))
-    return _require_records(samples, path)
+            yield Sample(where, text=_field(record, "text", column_map, where))
+    if n == 0:
+        _require_records([], path)
+
+
+def _text_documents(path: Path, text_separator: str | None) -> list[tuple[int, str]]:
+    """(number, text) of the non-empty documents of a text file."""
+    if not path.is_file():
+        raise SlimtuneError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8-sig")
+    docs = text.split(text_separator) if text_separator else [text]
+    return [(i, d) for i, d in enumerate(docs, start=1) if d.strip()]
+
+
+def read_samples(path: str | Path, column_map: dict | None = None, text_separator: str | None = None,
+                 role_map: dict | None = None, cache_dir: str | Path | None = None) -> list[Sample]:
+    """All the Samples of a file as a list (`iter_samples`); for small files (evaluation sets, tests). Training
+    streams its records instead (`load_instruction_data`)."""
+    return list(iter_samples(path, column_map, text_separator, role_map, cache_dir))
+
+
+def count_records(path: str | Path, text_separator: str | None = None, cache_dir: str | Path | None = None) -> int:
+    """How many records `iter_samples` (or `iter_classification_samples`) yields for `path`, without making them:
+    the row count of a dataset, the non-blank lines of a JSONL file, the documents of a text file. Bad records are
+    not checked here; reading them raises."""
+    from slimtune.data import hf_datasets
+
+    path = Path(path)
+    if path.suffix.lower() in (".txt", ".md"):
+        return len(_text_documents(path, text_separator))
+    if hf_datasets.is_datasets_input(path):
+        return len(hf_datasets.load(path, cache_dir))
+    if path.suffix.lower() == ".json":
+        return sum(1 for _ in iter_json_records(path))
+    if not path.is_file():
+        raise SlimtuneError(f"data file {path} does not exist")
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,13 +457,15 @@ class DataStats:
 
 @dataclass
 class TokenizedDataset(Sequence):
-    """A sequence of `Example`s (a list, or memory-mapped from the tokenized cache) plus the `DataStats` of how they
-    were made; indexable, sized."""
+    """A sequence of `Example`s (compact arrays in memory or memory-mapped from the tokenized cache, see
+    `slimtune.data.cache.TokenArrays`; a plain list in tests) plus the `DataStats` of how they were made."""
 
     examples: Sequence[Example]
     stats: DataStats = field(default_factory=DataStats)
     cached_in: Path | None = None
     """The cache entry the examples were read back from (`slimtune.data.cache`); None when tokenized now."""
+    extra: dict = field(default_factory=dict)
+    """What was stored beside the examples (a classifier's label ids)."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -436,6 +474,8 @@ class TokenizedDataset(Sequence):
         return self.examples[i]
 
     def num_tokens(self) -> int:
+        if hasattr(self.examples, "num_tokens"):
+            return self.examples.num_tokens()
         return sum(len(e.input_ids) for e in self.examples)
 
 
@@ -454,24 +494,36 @@ def _text_examples(tokenizer, text: str, max_seq_len: int, stats: DataStats) -> 
     return out
 
 
-def tokenize_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, template: str | None = None,
-                     source: str = "data", out=None) -> TokenizedDataset:
-    """Tokenize Samples into Examples of at most `max_seq_len` tokens, truncating/dropping with counts and warnings.
+def _written(out) -> Sequence[Example]:
+    """What `tokenize_*` wrote into `out`: the writer's arrays, or the list itself."""
+    return out.arrays() if hasattr(out, "arrays") else out
 
-    `out` receives the examples (`append`/`extend`): a new list by default, or a tokenized-cache entry that stores
-    them as compact arrays as they come (`slimtune.data.cache`). Raises SlimtuneError when no example is left,
-    saying why (so a bad max_seq_len never trains on nothing).
+
+def tokenize_samples(samples: Iterable[Sample], tokenizer, max_seq_len: int, template: str | None = None,
+                     source: str = "data", out=None) -> TokenizedDataset:
+    """Tokenize Samples (any iterable: they are consumed one at a time) into Examples of at most `max_seq_len`
+    tokens, truncating/dropping with counts and warnings.
+
+    `out` receives the examples (`append`/`extend`): a new `ExampleWriter` (compact int32 arrays, not lists of Python
+    ints) by default, a cache entry's writer, or a list. Raises SlimtuneError when no example is left, saying why
+    (so a bad max_seq_len never trains on nothing).
     """
+    from slimtune.data.cache import ExampleWriter
+
     if max_seq_len < 2:
         raise SlimtuneError(f"max_seq_len must be at least 2 tokens, got {max_seq_len}")
-    stats = DataStats(records=len(samples))
-    examples = [] if out is None else out
-    if any(s.messages is not None for s in samples):
-        resolve_chat_template(tokenizer, template)  # fail once, up front, rather than per record
+    stats = DataStats()
+    examples = ExampleWriter() if out is None else out
+    template_checked = False
     for sample in samples:
+        stats.records += 1
         if sample.text is not None:
-            examples.extend(_text_examples(tokenizer, sample.text, max_seq_len, stats))
+            for example in _text_examples(tokenizer, sample.text, max_seq_len, stats):
+                examples.append(example)
             continue
+        if not template_checked:
+            resolve_chat_template(tokenizer, template)  # fail once, up front, rather than per record
+            template_checked = True
         try:
             ids, labels, merges = encode_chat(tokenizer, sample.messages, template)
         except SlimtuneError as exc:
@@ -487,16 +539,16 @@ def tokenize_samples(samples: Sequence[Sample], tokenizer, max_seq_len: int, tem
     stats.examples = len(examples)
     if stats.truncated:
         log.warning("%s: %d of %d examples were longer than max_seq_len=%d tokens and were truncated; %d of them "
-                    "lost their whole response and were dropped", source, stats.truncated, len(samples), max_seq_len,
-                    stats.dropped)
+                    "lost their whole response and were dropped", source, stats.truncated, stats.records,
+                    max_seq_len, stats.dropped)
     if stats.boundary_merges:
         log.warning("%s: at %d prompt/response boundaries the tokenizer merged text across the boundary; the merged "
                     "token was learned as part of the reply", source, stats.boundary_merges)
-    if not examples:
+    if not len(examples):
         why = (f"all {stats.dropped} were dropped because their response starts after max_seq_len={max_seq_len} "
                "tokens; raise max_seq_len or shorten the prompts") if stats.dropped else "the file holds no records"
-        raise SlimtuneError(f"{source}: no training examples left after filtering {len(samples)} records: {why}")
-    return TokenizedDataset(examples, stats)
+        raise SlimtuneError(f"{source}: no training examples left after filtering {stats.records} records: {why}")
+    return TokenizedDataset(_written(examples), stats)
 
 
 def pack_examples(dataset: TokenizedDataset, max_seq_len: int) -> TokenizedDataset:
@@ -507,22 +559,53 @@ def pack_examples(dataset: TokenizedDataset, max_seq_len: int) -> TokenizedDatas
     Attention is NOT blocked between neighbours (the batch keeps a plain causal mask): a token can attend to the
     examples packed before it. That is the usual trade-off of packing (far fewer pad tokens) and is harmless for
     short independent examples; leave packing off when examples must not see each other.
+
+    The packs are a view (`PackedExamples`): only where each pack starts is stored, one integer per pack.
     """
-    packs: list[Example] = []
-    cur_ids: list[int] = []
-    cur_labels: list[int] = []
-    cur_pos: list[int] = []
-    for ex in dataset.examples:
-        if cur_ids and len(cur_ids) + len(ex.input_ids) > max_seq_len:
-            packs.append(Example(cur_ids, cur_labels, cur_pos))
-            cur_ids, cur_labels, cur_pos = [], [], []
-        cur_ids.extend(ex.input_ids)
-        cur_labels.extend([IGNORE_INDEX, *ex.labels[1:]])
-        cur_pos.extend(range(len(ex.input_ids)))
-    if cur_ids:
-        packs.append(Example(cur_ids, cur_labels, cur_pos))
+    examples = dataset.examples
+    lengths = examples.lengths() if hasattr(examples, "lengths") else [len(e.input_ids) for e in examples]
+    starts = array("q", [0])
+    tokens = 0
+    for i, n in enumerate(lengths):
+        n = int(n)
+        if tokens and tokens + n > max_seq_len:
+            starts.append(i)
+            tokens = 0
+        tokens += n
+    if len(lengths):
+        starts.append(len(lengths))
+    packs = PackedExamples(examples, np.frombuffer(starts, dtype=np.int64))
     stats = DataStats(**{**dataset.stats.__dict__, "packed_sequences": len(packs)})
-    return TokenizedDataset(packs, stats, dataset.cached_in)
+    return TokenizedDataset(packs, stats, dataset.cached_in, dataset.extra)
+
+
+class PackedExamples(Sequence):
+    """Packs of consecutive examples of `examples`: pack i joins examples ``starts[i]`` to ``starts[i + 1] - 1``
+    (see `pack_examples`)."""
+
+    def __init__(self, examples: Sequence[Example], starts: np.ndarray):
+        self.examples, self.starts = examples, starts
+
+    def __len__(self) -> int:
+        return max(len(self.starts) - 1, 0)
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for j in range(int(self.starts[i]), int(self.starts[i + 1])):
+            ex = self.examples[j]
+            ids.extend(ex.input_ids)
+            labels.extend([IGNORE_INDEX, *ex.labels[1:]])
+            positions.extend(range(len(ex.input_ids)))
+        return Example(ids, labels, positions)
+
+    def num_tokens(self) -> int:
+        if hasattr(self.examples, "num_tokens"):
+            return self.examples.num_tokens()
+        return sum(len(e.input_ids) for e in self.examples)
 
 
 @dataclass
@@ -560,25 +643,32 @@ def data_sources(data: str | list, column_map: dict, role_map: dict) -> list[Dat
     return out
 
 
-def split_samples(samples: list, val_fraction: float, seed: int, source: str = "data") -> tuple[list, list]:
-    """Split records into (train, val), deterministic given `seed`; both keep file order.
+def validation_mask(n: int, val_fraction: float, seed: int, source: str = "data") -> np.ndarray | None:
+    """Which of `n` records are held out for validation (a boolean array, one byte a record), deterministic given
+    `seed`; None when nothing is held out. Both sides keep file order.
 
-    The validation set has round(n * val_fraction) records (at least 1 when val_fraction > 0).
+    The validation set has round(n * val_fraction) records (at least 1 when val_fraction > 0), drawn without
+    replacement by numpy's PCG64 seeded with `seed`.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise SlimtuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0.0:
-        return list(samples), []
-    n = len(samples)
+        return None
     n_val = max(1, round(n * val_fraction))
     if n_val >= n:
         raise SlimtuneError(f"{source}: dataset.val_fraction={val_fraction} of {n} records leaves nothing to train "
                             "on; add records, lower dataset.val_fraction or give a separate validation file "
                             "(dataset.val_data)")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    val_idx = set(order[:n_val])
-    return [s for i, s in enumerate(samples) if i not in val_idx], [s for i, s in enumerate(samples) if i in val_idx]
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.Generator(np.random.PCG64(seed)).choice(n, size=n_val, replace=False)] = True
+    return mask
+
+
+def _side(records: Iterable, mask: np.ndarray | None, side: int) -> Iterator:
+    """The records of one side of a split (0 training, 1 validation) as they stream past."""
+    for i, record in enumerate(records):
+        if mask is None or mask[i] == bool(side):
+            yield record
 
 
 def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, template: str | None = None,
@@ -589,23 +679,33 @@ def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, templat
     """Read, format, tokenize, mask, truncate, split and (optionally) pack SFT data. Returns (train, val or None).
 
     Validation data comes from `val_path` when given (then all of `path` trains and `val_fraction` is ignored),
-    else from a `val_fraction` of the records of `path` (chosen by `seed`). `template` names a fallback chat
-    template (or is a Jinja string); None uses the tokenizer's own. With a `cache` (`slimtune.data.cache`), tokenized
-    splits are read back from it when the data and every setting they depend on are unchanged, and stored otherwise.
+    else from a `val_fraction` of the records of `path` (chosen by `seed`, see `validation_mask`). `template` names a
+    fallback chat template (or is a Jinja string); None uses the tokenizer's own.
+
+    Records stream from the file through the split into the tokenizer, which writes compact arrays: no Python list
+    of records or of token ids is built, however large the file (a split first counts the records). With a `cache`
+    (`slimtune.data.cache`), tokenized splits are read back from it, memory-mapped, when the data and every setting
+    they depend on are unchanged, and stored otherwise; then the data file is not read at all.
     """
     # datasets converts parquet into Arrow files once: next to the run's cache, except in a dry run (its own default)
     cache_dir = cache.folder if cache is not None and cache.write else None
+    if val_path is not None:
+        val_fraction = 0.0
 
     @functools.cache
-    def splits() -> tuple[list[Sample], list[Sample]]:
-        samples = read_samples(path, column_map, text_separator, role_map, cache_dir)
-        if val_path is not None:
-            return samples, read_samples(val_path, column_map, text_separator, role_map, cache_dir)
-        return split_samples(samples, val_fraction, seed, str(path))
+    def mask() -> np.ndarray | None:
+        if val_fraction == 0.0:
+            return None
+        n = count_records(path, text_separator, cache_dir) or len(_require_records([], path))
+        return validation_mask(n, val_fraction, seed, str(path))
 
     def tokenized(side: int, source: str) -> TokenizedDataset:
         def tokenize(out=None) -> TokenizedDataset:
-            return tokenize_samples(splits()[side], tokenizer, max_seq_len, template, source=source, out=out)
+            if side == 1 and val_path is not None:
+                samples = iter_samples(val_path, column_map, text_separator, role_map, cache_dir)
+            else:
+                samples = _side(iter_samples(path, column_map, text_separator, role_map, cache_dir), mask(), side)
+            return tokenize_samples(samples, tokenizer, max_seq_len, template, source=source, out=out)
 
         if cache is None:
             return tokenize()
@@ -617,6 +717,10 @@ def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, templat
                "text_separator": text_separator}
         return cache.get(key, tokenize)
 
+    if not 0.0 <= val_fraction < 1.0:
+        raise SlimtuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_path is not None:  # a bad validation file fails now, not after the training data is tokenized
+        next(iter_samples(val_path, column_map, text_separator, role_map, cache_dir))
     train = tokenized(0, str(path))
     val = None
     if val_path is not None or val_fraction > 0:
@@ -632,39 +736,54 @@ def load_instruction_data(path: str | Path, tokenizer, max_seq_len: int, templat
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_classification_samples(path: str | Path, column_map: dict | None = None) -> list[Sample]:
-    """Read JSONL/JSON records with `text`, optional `text_pair` and `label` (int >= 0 or string)."""
+def iter_classification_samples(path: str | Path, column_map: dict | None = None,
+                                cache_dir: str | Path | None = None) -> Iterator[Sample]:
+    """The records of a classification file (`text`, optional `text_pair`, `label`: int >= 0 or string) as Samples,
+    one at a time; a file without records is an error."""
     column_map = _check_column_map(column_map)
-    samples = []
-    for where, record in iter_records(path, column_map, task="classify"):
+    n = 0
+    for where, record in iter_records(path, column_map, cache_dir, task="classify"):
         text = _field(record, "text", column_map, where)
         pair = _field(record, "text_pair", column_map, where, required=False)
         label = _field(record, "label", column_map, where, kind=(int, str))
         if isinstance(label, int) and label < 0:
             raise SlimtuneError(f"{where}: label {label} is negative; integer labels are class ids 0, 1, 2, ...")
-        samples.append(Sample(where, text=text, text_pair=pair, label=label))
-    return _require_records(samples, path)
+        n += 1
+        yield Sample(where, text=text, text_pair=pair, label=label)
+    if n == 0:
+        _require_records([], path)
 
 
-def label_mapping(samples: Sequence[Sample], source: str = "data") -> dict[str, int]:
-    """Label name → id. String labels are numbered in sorted order (deterministic); int labels map str(i) → i."""
-    kinds = {type(s.label) for s in samples}
-    if len(kinds) > 1:
-        first_int = next(s for s in samples if isinstance(s.label, int))
-        first_str = next(s for s in samples if isinstance(s.label, str))
-        raise SlimtuneError(f"{source}: labels mix integers ({first_int.where}) and strings ({first_str.where}); "
-                            "use one kind")
-    if kinds == {int}:
-        return {str(i): i for i in range(max(s.label for s in samples) + 1)}
-    return {name: i for i, name in enumerate(sorted({s.label for s in samples}))}
+def read_classification_samples(path: str | Path, column_map: dict | None = None) -> list[Sample]:
+    """All the records of a classification file as a list (`iter_classification_samples`), for small files."""
+    return list(iter_classification_samples(path, column_map))
 
 
-def tokenize_classification(samples: Sequence[Sample], tokenizer, max_seq_len: int, label2id: dict[str, int],
-                            source: str = "data") -> TokenizedDataset:
-    """Tokenize (text, text_pair) with the tokenizer's special tokens; truncate to max_seq_len with a warning count."""
-    stats = DataStats(records=len(samples))
-    examples = []
+def label_mapping(samples: Iterable[Sample], source: str = "data") -> dict[str, int]:
+    """Label name → id. String labels are numbered in sorted order (deterministic); int labels map str(i) → i.
+    One pass over `samples`, keeping only the distinct labels."""
+    names: set = set()
+    first: dict[type, str] = {}
     for s in samples:
+        first.setdefault(type(s.label), s.where)
+        names.add(s.label)
+    if len(first) > 1:
+        raise SlimtuneError(f"{source}: labels mix integers ({first[int]}) and strings ({first[str]}); use one kind")
+    if int in first:
+        return {str(i): i for i in range(max(names) + 1)}
+    return {name: i for i, name in enumerate(sorted(names))}
+
+
+def tokenize_classification(samples: Iterable[Sample], tokenizer, max_seq_len: int, label2id: dict[str, int],
+                            source: str = "data", out=None) -> TokenizedDataset:
+    """Tokenize (text, text_pair) with the tokenizer's special tokens; truncate to max_seq_len with a warning count.
+    `out` as for `tokenize_samples` (one class id per example)."""
+    from slimtune.data.cache import ExampleWriter
+
+    stats = DataStats()
+    examples = ExampleWriter(per_example_labels=True) if out is None else out
+    for s in samples:
+        stats.records += 1
         key = str(s.label)
         if key not in label2id:
             raise SlimtuneError(f"{s.where}: label {s.label!r} does not occur in the training data "
@@ -677,31 +796,67 @@ def tokenize_classification(samples: Sequence[Sample], tokenizer, max_seq_len: i
     stats.examples = len(examples)
     if stats.truncated:
         log.warning("%s: %d of %d texts were longer than max_seq_len=%d tokens and were truncated", source,
-                    stats.truncated, len(samples), max_seq_len)
-    if not examples:
+                    stats.truncated, stats.records, max_seq_len)
+    if not len(examples):
         raise SlimtuneError(f"{source}: the file holds no records")
-    return TokenizedDataset(examples, stats)
+    return TokenizedDataset(_written(examples), stats, extra={"label2id": label2id})
 
 
 def load_classification_data(path: str | Path, tokenizer, max_seq_len: int, column_map: dict | None = None,
-                             val_fraction: float = 0.0, val_path: str | Path | None = None, seed: int = 0
+                             val_fraction: float = 0.0, val_path: str | Path | None = None, seed: int = 0,
+                             cache: TokenCache | None = None
                              ) -> tuple[TokenizedDataset, TokenizedDataset | None, dict[str, int]]:
     """Read and tokenize classification data. Returns (train, val or None, label2id); num_labels = len(label2id).
 
     Validation data comes from `val_path` when given (`val_fraction` is then ignored), else from a `val_fraction`
-    of the records of `path` (chosen by `seed`).
+    of the records of `path` (chosen by `seed`). Records stream as in `load_instruction_data`; the label ids take
+    one more pass over the training file (only the distinct labels are kept). With a `cache` both splits and the
+    label ids are read back from it when nothing they depend on changed.
     """
-    samples = read_classification_samples(path, column_map)
+    cache_dir = cache.folder if cache is not None and cache.write else None
     if val_path is not None:
-        train_samples, val_samples = samples, read_classification_samples(val_path, column_map)
-    else:
-        train_samples, val_samples = split_samples(samples, val_fraction, seed, str(path))
-    # The mapping comes from the whole training file, so a label seen only in the split-off records still has an id.
-    label2id = label_mapping(samples, str(path))
-    train = tokenize_classification(train_samples, tokenizer, max_seq_len, label2id, str(path))
-    val = tokenize_classification(val_samples, tokenizer, max_seq_len, label2id,
-                                  str(val_path or path)) if val_samples else None
-    return train, val, label2id
+        val_fraction = 0.0
+    if not 0.0 <= val_fraction < 1.0:
+        raise SlimtuneError(f"val_fraction must be in [0, 1), got {val_fraction}")
+
+    def records(file) -> Iterator[Sample]:
+        return iter_classification_samples(file, column_map, cache_dir)
+
+    @functools.cache
+    def mask() -> np.ndarray | None:
+        if val_fraction == 0.0:
+            return None
+        n = count_records(path, cache_dir=cache_dir) or len(_require_records([], path))
+        return validation_mask(n, val_fraction, seed, str(path))
+
+    @functools.cache
+    def label2id() -> dict[str, int]:
+        # From the whole training file, so a label seen only in the split-off records still has an id.
+        return label_mapping(records(path), str(path))
+
+    def tokenized(side: int, source: str, labels: dict | None) -> TokenizedDataset:
+        def tokenize(out=None) -> TokenizedDataset:
+            samples = records(val_path) if side == 1 and val_path is not None else _side(records(path), mask(), side)
+            return tokenize_classification(samples, tokenizer, max_seq_len, labels or label2id(), source, out)
+
+        if cache is None:
+            return tokenize()
+        from slimtune.data.cache import files_fingerprint, tokenizer_fingerprint
+
+        key = {"task": "classify", "data": files_fingerprint(path),
+               "val_data": val_path and files_fingerprint(val_path), "side": side, "val_fraction": val_fraction,
+               "seed": seed, "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len,
+               "column_map": column_map}
+        return cache.get(key, tokenize, per_example_labels=True)
+
+    if val_path is not None:  # a bad validation file fails now, not after the training data is tokenized
+        next(records(val_path))
+    train = tokenized(0, str(path), None)
+    labels = train.extra["label2id"]
+    val = None
+    if val_path is not None or val_fraction > 0:
+        val = tokenized(1, str(val_path or path), labels)
+    return train, val, labels
 
 
 # ---------------------------------------------------------------------------------------------------------------

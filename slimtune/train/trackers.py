@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -125,8 +126,13 @@ class WandbTracker(Tracker):
         # about 10-20 s (a warning; training goes on) instead of holding the run for W&B's default 90 s. Logging
         # itself is asynchronous and never waits for the network.
         timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": 10}
+        # A resumed run continues its W&B run (same id; offline, a new folder with that id, which `wandb sync`
+        # adds to the same run). W&B keeps steps increasing: steps logged after the checkpoint and before the
+        # interruption are not logged again.
+        run_id = _run_id(out_dir / "wandb", start_step, lambda: secrets.token_hex(4))  # W&B's 8-character ids
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "slimtune"), name=out_dir.resolve().name,
-                              dir=str(out_dir), settings=wandb.Settings(console="off", **timeout))
+                              dir=str(out_dir), id=run_id, resume="allow",
+                              settings=wandb.Settings(console="off", **timeout))
 
     def log_config(self, config: dict) -> None:
         self.run.config.update(config, allow_val_change=True)
@@ -158,7 +164,13 @@ class MlflowTracker(Tracker):
             found = mlflow.get_experiment_by_name("slimtune")
             experiment = found.experiment_id if found else mlflow.create_experiment(
                 "slimtune", artifact_location=(folder / "artifacts").as_uri())
-        self.run = mlflow.start_run(experiment_id=experiment, run_name=out_dir.resolve().name)
+        # A resumed run continues its MLflow run (the id kept in out_dir/mlruns/run-id).
+        folder = out_dir / "mlruns"
+        previous = _run_id(folder, start_step, lambda: None)
+        self.run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(
+            experiment_id=experiment, run_name=out_dir.resolve().name)
+        if not previous:
+            _run_id(folder, 0, lambda: self.run.info.run_id)
 
     def log_config(self, config: dict) -> None:
         self.mlflow.log_params(flat_config(config))
@@ -171,6 +183,19 @@ class MlflowTracker(Tracker):
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def _run_id(folder: Path, start_step: int, new) -> str | None:
+    """The tracker run id of this out_dir: the one kept in `folder`/run-id when the run resumes (start_step > 0),
+    else ``new()``, which is kept there for a later resume."""
+    path = folder / "run-id"
+    if start_step > 0 and path.is_file():
+        return path.read_text().strip()
+    run_id = new()
+    if run_id:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 TRACKERS = {cls.name: cls for cls in (TensorBoardTracker, WandbTracker, MlflowTracker)}

@@ -250,7 +250,8 @@ class _HFWorkload(Workload):
 
     def describe(self) -> str:
         val = f", {len(self.val_set)} validation" if self.val_set is not None else ""
-        return f"{len(self.train_set)} training sequences{val}"
+        cached = f" (tokenized data read back from {self.cache.folder})" if self.from_cache else ""
+        return f"{len(self.train_set)} training sequences{val}{cached}"
 
 
 class HFCausalLMWorkload(_HFWorkload):
@@ -286,10 +287,6 @@ class HFCausalLMWorkload(_HFWorkload):
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._init_batches(cfg, train, val, pad_id, rank, world_size, device)
 
-    def describe(self) -> str:
-        cached = f" (tokenized data read back from {self.cache.folder})" if self.from_cache else ""
-        return super().describe() + cached
-
     def count_targets(self, batch) -> int:
         from slimtune.train.loss import count_causal_targets
 
@@ -309,7 +306,10 @@ class HFCausalLMWorkload(_HFWorkload):
 
 
 class HFClassifierWorkload(_HFWorkload):
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
+    """Tokenized data is cached as for the causal LM (`HFCausalLMWorkload`), the label ids with it."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True):
+        from slimtune.data.cache import FOLDER, TokenCache
         from slimtune.data.instruct import load_classification_data
         from slimtune.models.hf import load_tokenizer, resolve_model
 
@@ -319,10 +319,12 @@ class HFClassifierWorkload(_HFWorkload):
             raise SlimtuneError(f"data={cfg.data}: hf.task=classify trains on one data file; join the files into one")
         d = cfg.dataset
         self.tokenizer = load_tokenizer(resolve_model(cfg.model), cfg.hf.trust_remote_code)
+        self.cache = TokenCache(Path(cfg.out_dir) / FOLDER, write=write_cache)
         train, val, label2id = load_classification_data(
             cfg.data, self.tokenizer, d.max_seq_len, column_map=dict(d.column_map) or None,
-            val_fraction=d.held_out_fraction, val_path=d.val_data or None, seed=cfg.seed,
+            val_fraction=d.held_out_fraction, val_path=d.val_data or None, seed=cfg.seed, cache=self.cache,
         )
+        self.from_cache = [train.cached_in] if train.cached_in is not None else []
         self.label_names = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._init_batches(cfg, [train], [val] if val is not None else [], pad_id, rank, world_size, device)
@@ -346,5 +348,5 @@ def build_workload(cfg, rank: int, world_size: int, device: torch.device, write_
     if cfg.is_gpt:
         return LMWorkload(cfg, rank, world_size, device)
     if cfg.hf.task == "classify":
-        return HFClassifierWorkload(cfg, rank, world_size, device)
+        return HFClassifierWorkload(cfg, rank, world_size, device, write_cache)
     return HFCausalLMWorkload(cfg, rank, world_size, device, write_cache)

@@ -151,7 +151,8 @@ def test_the_second_load_reads_the_cache_instead_of_tokenizing(tmp_path, tok, mo
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(instruct, "tokenize_samples", refuse)
-    monkeypatch.setattr(instruct, "read_samples", refuse)
+    monkeypatch.setattr(instruct, "iter_samples", refuse)
+    monkeypatch.setattr(instruct, "count_records", refuse)
     train2, val2 = load_instruction_data(path, tok, 64, val_fraction=0.25, seed=1, cache=cache)
     assert train2.cached_in is not None and train2.stats == train.stats
     for a, b in ((train, train2), (val, val2)):
@@ -163,6 +164,68 @@ def test_the_second_load_reads_the_cache_instead_of_tokenizing(tmp_path, tok, mo
     monkeypatch.undo()
     load_instruction_data(path, tok, 63, cache=TokenCache(tmp_path / "cache", write=False))
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_records_stream_into_compact_arrays_never_a_list(tmp_path, tok, monkeypatch):
+    """Training data goes record by record from the file through the split into int32 arrays: neither the records
+    nor the examples are ever gathered in a Python list (read_samples, the list reader, is not called)."""
+    from slimtune.data.cache import TokenArrays
+    from slimtune.data.instruct import PackedExamples
+
+    records = [{"instruction": f"say {i}", "input": "", "output": "word " * (i % 5 + 1)} for i in range(200)]
+    path = write_jsonl(tmp_path / "big.jsonl", records)
+    ds = datasets.Dataset.from_list(records)
+    ds.to_parquet(str(tmp_path / "big.parquet"))
+    listed = {}
+    for kind, source in (("jsonl", path), ("parquet", tmp_path / "big.parquet")):
+        monkeypatch.setattr(instruct, "read_samples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("list")))
+        for cache in (None, TokenCache(tmp_path / f"cache-{kind}")):
+            train, val = load_instruction_data(source, tok, 64, val_fraction=0.1, seed=2, cache=cache,
+                                               pack=True)
+            assert isinstance(train.examples, PackedExamples) and isinstance(train.examples.examples, TokenArrays)
+            assert train.examples.examples.input_ids.dtype == np.int32
+            assert train.stats.records == 180 and val.stats.records == 20
+            listed[kind, cache is None] = [(e.input_ids, e.labels, e.position_ids) for e in train]
+        monkeypatch.undo()
+    assert len(set(map(str, listed.values()))) == 1  # jsonl = parquet, cached = not cached
+    # The packs hold the same tokens as packing the unpacked examples one by one.
+    plain, _ = load_instruction_data(path, tok, 64, val_fraction=0.1, seed=2)
+    assert [i for e in listed["jsonl", True] for i in e[0]] == [i for e in plain for i in e.input_ids]
+    assert train.num_tokens() == plain.num_tokens() == sum(len(e.input_ids) for e in plain)
+
+
+def test_validation_mask_is_deterministic_and_sized():
+    from slimtune.data.instruct import validation_mask
+
+    a, b = validation_mask(1000, 0.05, seed=7), validation_mask(1000, 0.05, seed=7)
+    assert a.dtype == bool and a.sum() == 50 and (a == b).all()
+    assert (validation_mask(1000, 0.05, seed=8) != a).any()
+    assert validation_mask(3, 0.01, seed=0).sum() == 1 and validation_mask(10, 0.0, seed=0) is None
+    with pytest.raises(SlimtuneError, match="leaves nothing to train on"):
+        validation_mask(1, 0.5, seed=0)
+
+
+def test_classification_data_is_cached_with_its_label_ids(tmp_path, monkeypatch):
+    from slimtune.data.instruct import load_classification_data
+
+    cls_tok = tiny_tokenizer(None, pair_template=True)
+    rows = [{"text": f"text {i}", "label": ("good", "bad", "meh")[i % 3]} for i in range(30)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    cache = TokenCache(tmp_path / "cache")
+    train, val, label2id = load_classification_data(path, cls_tok, 16, val_fraction=0.2, seed=1, cache=cache)
+    assert label2id == {"bad": 0, "good": 1, "meh": 2} and len(train) == 24 and len(val) == 6
+    assert train.cached_in is None and len(list((tmp_path / "cache").iterdir())) == 2
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read again")
+
+    monkeypatch.setattr(instruct, "iter_classification_samples", refuse)
+    monkeypatch.setattr(instruct, "count_records", refuse)
+    train2, val2, label2id2 = load_classification_data(path, cls_tok, 16, val_fraction=0.2, seed=1, cache=cache)
+    assert train2.cached_in is not None and label2id2 == label2id
+    for a, b in ((train, train2), (val, val2)):
+        assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
+    assert all(isinstance(e.labels, int) for e in train2)
 
 
 # --- mixing several datasets -----------------------------------------------------------------------------------

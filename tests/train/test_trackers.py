@@ -65,6 +65,14 @@ def test_wandb_offline_writes_a_run_folder(llama_dir, chat_file, tmp_path, monke
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert "report_to=wandb failed" not in capsys.readouterr().err
+    # Resumed (resume=auto from the step-2 checkpoint), the run continues the same W&B run id.
+    run_id = (out / "wandb" / "run-id").read_text().strip()
+    assert runs[0].name.endswith(f"-{run_id}")
+    train(f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST, "max_iters=3", "eval.interval=2",
+          "log.report_to=wandb")
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    assert "report_to=wandb failed" not in capsys.readouterr().err
 
 
 def test_mlflow_writes_its_store_in_out_dir(llama_dir, chat_file, tmp_path, monkeypatch):
