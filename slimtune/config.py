@@ -380,6 +380,10 @@ RENAMED = {
 }
 REMOVED_IN = "slimtune 0.3"
 
+# The names other trainers give these keys (Hugging Face Trainer's report_to, ...): accepted for good, no warning.
+ALIASES = {"report_to": "log.report_to", "data_weights": "dataset.weights", "role_map": "dataset.role_map",
+           "epochs": "num_epochs"}
+
 
 def _rename_old_keys(values: dict, source: str) -> dict:
     """Old flat keys → their section (with a warning); `cpu_shards=N` → the cpu_shards strategy."""
@@ -391,6 +395,10 @@ def _rename_old_keys(values: dict, source: str) -> dict:
             print(f"warning: {source}: cpu_shards={value} is now {' '.join(_flat_items(new)) or 'strategy=auto'}; "
                   f"the old key is removed in {REMOVED_IN}", file=sys.stderr)
             _deep_merge(out, new)
+            continue
+        if key in ALIASES:
+            target = ALIASES[key].split(".")
+            _deep_merge(out, {target[0]: {target[1]: value}} if len(target) == 2 else {target[0]: value})
             continue
         if key in RENAMED:
             section, name = RENAMED[key].split(".")

@@ -145,3 +145,11 @@ def test_every_field_has_a_docstring_and_help_lists_it():
     assert "plugins" not in help_text(TrainConfig)
     assert "badam.switch_mode  (str, default 'random')" in text and "gpt.n_layer  (int, default 6)" in text
     assert "Sequences per micro-batch" in text and "[badam] (method=badam)" in text
+
+
+def test_other_trainers_key_names_are_accepted_without_warning(capsys):
+    cfg = make_config(TrainConfig, overrides=["model=m", "data=[a.jsonl,b.jsonl]", "report_to=tensorboard",
+                                              "data_weights=[0.7,0.3]", "role_map.bot=assistant", "epochs=2"])
+    assert cfg.log.report_to == ["tensorboard"] and cfg.dataset.weights == [0.7, 0.3]
+    assert cfg.dataset.role_map == {"bot": "assistant"} and cfg.num_epochs == 2
+    assert "warning" not in capsys.readouterr().err
