@@ -204,3 +204,19 @@ def test_bitnet_gpt_still_warming_up_is_refused(char_data, tmp_path):
     _train(char_data, tmp_path / "o", "bitnet.warmup_steps=10")
     with pytest.raises(SlimtuneError, match="warming up quantization"):
         export(str(tmp_path / "o"), str(tmp_path / "x"))
+
+
+def test_a_gpt_trained_with_a_hugging_face_tokenizer_exports_it(tmp_path):
+    from transformers import AutoTokenizer
+
+    from slimtune.data.tokenizer import HFTokenizer
+    from slimtune.methods.bitnet import BitnetConfig, bitnet_model, export_bitnet
+    from tests.tiny_hf import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "tok")
+    ours = HFTokenizer(tmp_path / "tok")
+    model = _gpt(vocab_size=ours.vocab_size)
+    bitnet_model(model, BitnetConfig())
+    folder = export_bitnet(model, ours, tmp_path / "hf")
+    text = "the quick brown fox jumps over the lazy dog"
+    assert AutoTokenizer.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
