@@ -268,11 +268,14 @@ class PackedBitLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
-                 device=None, dtype=None):
+                 bias: bool = False, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        # A bias added after the product, as transformers' layer does (an export into an architecture whose linears
+        # always have one, e.g. the GPT's GPTBigCode folder, stores zeros there).
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.rms_norm = RMSNorm(in_features, rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
         self.compute_dtype = dtype or torch.float32
 
@@ -281,7 +284,8 @@ class PackedBitLinear(nn.Module):
             x = self.rms_norm(x)
         x_codes, s = token_activation_codes(x)
         inv_scale = self.weight_scale.float().reshape(()).to(x.dtype)
-        return F.linear(x_codes.to(x.dtype), self.weight.to(x.dtype)) / (inv_scale * s)
+        y = F.linear(x_codes.to(x.dtype), self.weight.to(x.dtype)) / (inv_scale * s)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, ternary (unpacked)"

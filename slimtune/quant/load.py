@@ -85,12 +85,10 @@ def load_bitnet_folder(folder: str | Path, dtype: torch.dtype = torch.float32, t
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(n, skip)]
     for name in names:
         linear = model.get_submodule(name)
-        if linear.bias is not None:
-            raise SlimtuneError(f"{folder}: BitNet layer {name} has a bias, which slimtune's BitNet layers do not "
-                                f"support")
         model.set_submodule(name, PackedBitLinear(linear.in_features, linear.out_features,
                                                   use_rms_norm=bool(qc.get("use_rms_norm")),
-                                                  rms_norm_eps=qc.get("rms_norm_eps", 1e-6), dtype=dtype))
+                                                  rms_norm_eps=qc.get("rms_norm_eps", 1e-6),
+                                                  bias=linear.bias is not None, dtype=dtype))
     state = load_file(str(folder / "model.safetensors"))
     for name in names:
         out_features = model.get_submodule(name).out_features

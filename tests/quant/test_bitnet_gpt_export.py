@@ -74,6 +74,12 @@ def test_slimtune_export_loads_in_plain_transformers_with_the_same_logits(bitnet
     ids = _ids(ours.config.vocab_size)
     # The issue asks for 1e-3; the export computes in the GPT's order, so in fp32 it is exact.
     assert torch.equal(_logits(theirs, ids), _logits(ours, ids))
+    # slimtune's own inference path (chat, generate, eval) loads the folder too, zero biases and all, alike.
+    from slimtune.quant.load import load_quantized_causal_lm
+
+    mine = load_quantized_causal_lm(tmp_path / "hf")
+    assert mine.transformer.h[0].attn.c_attn.bias is not None
+    assert (_logits(mine, ids) - _logits(ours, ids)).abs().max() < 1e-3
 
 
 def test_the_exported_tokenizer_encodes_and_decodes_as_slimtune(bitnet_gpt, corpus_file, tmp_path):
