@@ -2,8 +2,10 @@
 quantization of a causal LM's linear layers, with a before/after report (perplexity, exact match, bytes).
 
 The output folder loads in `slimtune eval|generate|chat` (its `slimtune_quantization.json` tells slimtune's loader
-to rebuild the int8 layers); plain transformers does not load it (no transformers quantization format matches
-these layers without torchao, which slimtune does not depend on).
+to rebuild the int8 layers). Symmetric weights without --activations (per channel or per tensor) are written in
+torchao's int8 weight-only layout with slimtune's codes, so plain ``transformers.AutoModelForCausalLM
+.from_pretrained`` (with torchao installed) loads that folder too (`slimtune.quant.torchao_int8`); asymmetric
+weights and static int8 activations have no matching transformers format and load only in slimtune.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "quantize", help="post-training int8 quantization of a model's linear layers, with a before/after report",
         description="Quantize every linear layer (but the output head) of a model to int8 codes with scales, write "
                     "a folder that slimtune eval/generate/chat load, and report perplexity and bytes before and "
-                    "after. A method=qat checkpoint gets exactly the weights it trained against.")
+                    "after. A method=qat checkpoint gets exactly the weights it trained against. With --scheme sym "
+                    "and no --activations the folder is in torchao's int8 weight-only format, which plain "
+                    "transformers (with torchao) loads too; asym and --activations folders load only in slimtune.")
     p.add_argument("model", help="a checkpoint folder or out_dir from slimtune train (also method=qat), a Hugging "
                                  "Face model folder, a .gguf file, or a built-in name (smollm2-135m)")
     p.add_argument("--out", required=True, help="the folder to write")
@@ -63,6 +67,8 @@ class QuantizeReport:
     loss: dict = field(default_factory=dict)
     """{"before": per-token loss, "after": ...} when evaluated."""
     accuracy: dict = field(default_factory=dict)
+    loads_in: str = "slimtune eval/generate/chat"
+    """Which loaders read the folder."""
 
     def format(self, settings_line: str) -> str:
         from slimtune.memory import format_bytes
@@ -79,7 +85,7 @@ class QuantizeReport:
         table = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                  for r in rows]
         return "\n".join([f"{settings_line}: {self.layers} linear layers (products: {self.kernel})", *table,
-                          f"wrote {self.out_dir}"])
+                          f"wrote {self.out_dir} (loads in {self.loads_in})"])
 
 
 def quantize_to_folder(model_source: str, out_dir: str | Path, *, settings=None, calibration: str | None = None,
@@ -92,6 +98,7 @@ def quantize_to_folder(model_source: str, out_dir: str | Path, *, settings=None,
 
     from slimtune.quant.layers import linear_names, linear_weight_bytes
     from slimtune.quant.ptq import QuantizeSettings, quantize_model, save_quantized
+    from slimtune.quant.torchao_int8 import transformers_loadable
 
     settings = settings or QuantizeSettings()
     if settings.activations and calibration is None:
@@ -133,8 +140,13 @@ def quantize_to_folder(model_source: str, out_dir: str | Path, *, settings=None,
         model(input_ids=torch.zeros(1, 1, dtype=torch.long))
     kernels = ", ".join(sorted(set().union(*(model.get_submodule(n).kernels_used for n in layers))))
     save_quantized(model, tokenizer, out_dir, settings, layers, overwrite=overwrite, source=str(model_source))
+    loads_in = "slimtune eval/generate/chat only (slimtune's own int8 format)"
+    if transformers_loadable(settings.scheme, settings.granularity, settings.bits, settings.activations):
+        loads_in = ("slimtune eval/generate/chat and plain transformers with torchao (torchao int8 weight-only "
+                    "format)")
     return QuantizeReport(out_dir, len(layers), before_bytes, after_bytes, kernels,
-                          report_loss if len(report_loss) == 2 else {}, report_acc if len(report_acc) == 2 else {})
+                          report_loss if len(report_loss) == 2 else {}, report_acc if len(report_acc) == 2 else {},
+                          loads_in)
 
 
 def _calibration_batches(tokenizer, path: str, samples: int, max_seq_len: int, batch_size: int) -> list[dict]:

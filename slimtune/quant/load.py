@@ -5,8 +5,12 @@ Two formats, recognised from the folder (`quantized_format`):
 * ``bitnet``: a BitNet export (`slimtune.methods.bitnet.export_bitnet`, or any folder in transformers' BitNet
   ``bitlinear`` format): ``config.json`` has ``quantization_config.quant_method == "bitnet"``. The packed ternary
   weights are unpacked once into `PackedBitLinear` layers. transformers itself also loads these folders.
-* ``slimtune-int``: a `slimtune quantize` output: ``slimtune_quantization.json`` next to a plain config, int8
-  weight codes with their scales in ``model.safetensors`` (`QuantizedLinear`). Only slimtune loads it.
+* ``slimtune-int``: a `slimtune quantize` output: ``slimtune_quantization.json`` (scheme, layers, ``layout``)
+  next to the config, int8 weight codes with their scales in ``model.safetensors`` (`QuantizedLinear`). Layout
+  ``torchao`` (symmetric 8-bit weight-only, per channel or per tensor): torchao's int8 weight-only tensors, and
+  ``config.json`` has the matching torchao ``quantization_config``, so transformers (with torchao) loads the
+  folder too (`slimtune.quant.torchao_int8`); slimtune reads it without torchao. Layout ``slimtune`` (the other
+  schemes; folders written before the layout existed): slimtune's own keys, only slimtune loads it.
 """
 
 from __future__ import annotations
@@ -112,7 +116,16 @@ def load_int_folder(folder: str | Path, dtype: torch.dtype = torch.float32, trus
         model.set_submodule(name, QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                                   scheme=info["scheme"], granularity=info["granularity"],
                                                   bits=info["bits"], activations=info["activations"], dtype=dtype))
-    _load_state(model, load_file(str(folder / "model.safetensors")), folder)
+    state = load_file(str(folder / "model.safetensors"))
+    layout = info.get("layout", "slimtune")
+    if layout == "torchao":
+        from slimtune.quant.torchao_int8 import from_torchao_state
+
+        state = from_torchao_state(state, info["layers"], info["granularity"], f"{folder}/model.safetensors")
+    elif layout != "slimtune":
+        raise SlimtuneError(f"{folder}/{QUANT_FILE} has an unknown layout {layout!r} (slimtune or torchao); it was "
+                            "written by a newer slimtune: upgrade slimtune, or quantize the model again")
+    _load_state(model, state, folder)
     return model.eval()
 
 

@@ -5,7 +5,8 @@ scales and zero points. With activations, each layer's input range is first obse
 (min/max, or a percentile of the values to ignore outliers) and stored as a static int8 input scale and zero point.
 
 A QAT checkpoint (method=qat) quantized with the same scheme and granularity gets exactly the weight codes it
-trained against (`FakeQuantLinear` and `QuantizedLinear` share the arithmetic).
+trained against (`FakeQuantLinear` and `QuantizedLinear` share the arithmetic). Symmetric weight-only folders keep
+those codes in torchao's int8 weight-only format, which plain transformers also loads (`save_quantized`).
 """
 
 from __future__ import annotations
@@ -122,23 +123,37 @@ def quantize_model(model: nn.Module, settings: QuantizeSettings, calibration: It
 
 def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, settings: QuantizeSettings, layers: list[str],
                    *, overwrite: bool = False, source: str | None = None) -> Path:
-    """Write a quantized transformers model as a folder slimtune loads (`slimtune.quant.load`)."""
+    """Write a quantized transformers model as a folder slimtune loads (`slimtune.quant.load`).
+
+    Symmetric 8-bit weight-only folders (per channel or per tensor) are written in torchao's int8 weight-only
+    layout (`slimtune.quant.torchao_int8`), with the codes slimtune computed: plain transformers (with torchao)
+    loads them too. The other schemes are written in slimtune's own layout. Both have ``slimtune_quantization.json``
+    (its ``layout`` says which), which slimtune's loader reads.
+    """
     from safetensors.torch import save_file
 
+    from slimtune.quant import torchao_int8
     from slimtune.quant.io import write_folder
 
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    info = {"format": "slimtune-int", "source": source, "layers": layers,
+    metadata = {"format": "pt"}
+    layout = "slimtune"
+    if torchao_int8.transformers_loadable(settings.scheme, settings.granularity, settings.bits, settings.activations):
+        layout = torchao_int8.LAYOUT
+        state, metadata = torchao_int8.to_torchao_state(state, layers, getattr(model, "dtype", torch.float32))
+        config.quantization_config = torchao_int8.quantization_config(settings.granularity,
+                                                                      torchao_int8.unconverted_linears(model))
+    info = {"format": "slimtune-int", "layout": layout, "source": source, "layers": layers,
             **{k: v for k, v in asdict(settings).items() if k != "skip"}}
 
     def write(folder: Path) -> None:
         config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(folder)
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(folder / "model.safetensors"), metadata=metadata)
         tokenizer.save_pretrained(folder)
         (folder / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
