@@ -52,6 +52,8 @@ class RunSettings:
     """None: full (batch, seq, vocab) logits; an int: the chunked head + loss holds this many positions' logits."""
     logits_fp32: bool = True
     """The loss upcasts the logits to fp32 (Hugging Face models do; slimtune's GPT does not)."""
+    cpu_allocator: str = "keep"
+    """runtime.cpu_allocator of a CPU run: how much freed memory the process keeps (`plan.run.allocator_plan`)."""
 
     def __post_init__(self):
         for key in ("batch", "seq", "world_size", "grad_accum"):
