@@ -62,3 +62,14 @@ def chat_file(tmp_path_factory) -> Path:
     from slimtune.tasks import make_examples, write_jsonl
 
     return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")
+
+
+def quantize(*argv) -> int:
+    """`slimtune quantize ARGV...` in this process; its exit status."""
+    import argparse
+
+    from slimtune.quant.cli import add_parser, run
+
+    parser = argparse.ArgumentParser(prog="slimtune")
+    add_parser(parser.add_subparsers(dest="verb"))
+    return run(parser.parse_args(["quantize", *map(str, argv)]))

@@ -16,7 +16,7 @@ from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from slimtune.train.loop import train
 from tests.conftest import TINY
-from tests.tiny_hf import one_torch_thread, save_tiny_llama, tiny_llama, tiny_tokenizer  # noqa: F401
+from tests.tiny_hf import one_torch_thread, tiny_llama, tiny_tokenizer  # noqa: F401
 
 FAST_HF = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_iters=2", "dataset.max_seq_len=64",
            "batch_size=4", "runtime.threads=1", "eval.interval=0", "log.interval=1", "dataset.val_fraction=0"]
@@ -32,23 +32,12 @@ def gpt_config(char_data, out, *extra):
                                                "gpt.bias=false", *extra])
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny")
-
 
 @pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    from slimtune.tasks import make_examples, write_jsonl
-
-    return write_jsonl(make_examples(24, seed=0), tmp_path_factory.mktemp("chat") / "reverse.jsonl")
-
-
-@pytest.fixture(scope="module")
-def converted(llama, chat, tmp_path_factory):
+def converted(llama_dir, chat_file, tmp_path_factory):
     """A tiny Llama converted to BitNet with a 4-step warm-up of the quantization strength, trained 6 steps."""
     out = tmp_path_factory.mktemp("bitnet") / "out"
-    assert cli.main(["train", f"model={llama}", f"data={chat}", f"out_dir={out}", *FAST_HF, "max_iters=6",
+    assert cli.main(["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST_HF, "max_iters=6",
                      "ckpt.interval=2", "ckpt.keep_last=0", "method=bitnet", "bitnet.warmup_steps=4"]) == 0
     return out
 
@@ -186,22 +175,22 @@ def test_export_refuses_an_output_size_the_packed_format_cannot_hold(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_slimtune_generate_and_eval_run_on_the_checkpoint_and_the_export(converted, chat, tmp_path, capsys):
+def test_slimtune_generate_and_eval_run_on_the_checkpoint_and_the_export(converted, chat_file, tmp_path, capsys):
     assert cli.main(["export", str(converted / "step-000006"), str(tmp_path / "packed")]) == 0
     for source in (converted / "step-000006", tmp_path / "packed"):
         capsys.readouterr()
-        assert cli.main(["eval", str(source), "--data", str(chat), "--limit", "4", "--max-seq-len", "64"]) == 0
+        assert cli.main(["eval", str(source), "--data", str(chat_file), "--limit", "4", "--max-seq-len", "64"]) == 0
         loss = float(capsys.readouterr().out.split("loss")[1].split()[0])
         assert math.isfinite(loss)
 
 
-def test_input_norm_layers_export_as_transformers_use_rms_norm(llama, chat, tmp_path):
+def test_input_norm_layers_export_as_transformers_use_rms_norm(llama_dir, chat_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from slimtune.finetune import open_causal_lm
 
     out = tmp_path / "out"
-    assert cli.main(["train", f"model={llama}", f"data={chat}", f"out_dir={out}", *FAST_HF, "max_iters=3",
+    assert cli.main(["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", *FAST_HF, "max_iters=3",
                      "lr=1e-2", "method=bitnet", "bitnet.input_norm=true"]) == 0
     assert cli.main(["export", str(out), str(tmp_path / "packed")]) == 0
     qc = json.loads((tmp_path / "packed" / "config.json").read_text())["quantization_config"]

@@ -3,36 +3,18 @@
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
 
 from slimtune import cli
 from slimtune.errors import SlimtuneError
-from slimtune.quant.cli import add_parser, run
 from slimtune.quant.layers import QuantizedLinear
-from tests.tiny_hf import one_torch_thread, save_tiny_llama  # noqa: F401
+from tests.conftest import quantize
+from tests.tiny_hf import one_torch_thread  # noqa: F401
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
 
-
-def quantize(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="slimtune")
-    add_parser(parser.add_subparsers(dest="verb"))
-    return run(parser.parse_args(["quantize", *map(str, argv)]))
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def chat(tmp_path_factory):
-    from slimtune.tasks import make_examples, write_jsonl
-
-    return write_jsonl(make_examples(16, seed=0), tmp_path_factory.mktemp("chat") / "reverse.jsonl")
 
 
 def logits(source) -> torch.Tensor:
@@ -45,9 +27,9 @@ def logits(source) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
 @pytest.mark.parametrize("granularity", ["tensor", "channel"])
-def test_weight_ptq_report_and_output_folder(llama, chat, tmp_path, capsys, scheme, granularity):
+def test_weight_ptq_report_and_output_folder(llama_dir, chat_file, tmp_path, capsys, scheme, granularity):
     out = tmp_path / "q"
-    assert quantize(llama, "--scheme", scheme, "--granularity", granularity, "--out", out, "--eval", chat,
+    assert quantize(llama_dir, "--scheme", scheme, "--granularity", granularity, "--out", out, "--eval", chat_file,
                     "--max-seq-len", "64") == 0
     text = capsys.readouterr().out
     assert "perplexity" in text and "linear weight bytes" in text
@@ -65,12 +47,12 @@ def test_weight_ptq_report_and_output_folder(llama, chat, tmp_path, capsys, sche
     assert isinstance(layer, QuantizedLinear)
     assert layer.weight.dtype == (torch.int8 if scheme == "sym" else torch.uint8)
     assert layer.weight_scale.shape == ((32, 1) if granularity == "channel" else ())
-    assert (logits(out) - logits(llama)).abs().max() < 0.05
+    assert (logits(out) - logits(llama_dir)).abs().max() < 0.05
 
 
-def test_static_activation_quantization_is_calibrated_and_loads(llama, chat, tmp_path, capsys):
+def test_static_activation_quantization_is_calibrated_and_loads(llama_dir, chat_file, tmp_path, capsys):
     out = tmp_path / "q"
-    assert quantize(llama, "--out", out, "--activations", "--calibration", chat, "--samples", "8",
+    assert quantize(llama_dir, "--out", out, "--activations", "--calibration", chat_file, "--samples", "8",
                     "--observer", "percentile", "--max-seq-len", "64") == 0
     assert "static int8 inputs (percentile)" in capsys.readouterr().out
     from slimtune.finetune import open_causal_lm
@@ -79,7 +61,7 @@ def test_static_activation_quantization_is_calibrated_and_loads(llama, chat, tmp
     layer = model.model.layers[1].mlp.down_proj
     assert layer.activations and float(layer.input_scale) != 1.0
     capsys.readouterr()
-    assert cli.main(["eval", str(out), "--data", str(chat), "--limit", "4", "--max-seq-len", "64"]) == 0
+    assert cli.main(["eval", str(out), "--data", str(chat_file), "--limit", "4", "--max-seq-len", "64"]) == 0
     assert "perplexity" in capsys.readouterr().out
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hello"}\n')
@@ -87,9 +69,10 @@ def test_static_activation_quantization_is_calibrated_and_loads(llama, chat, tmp
                      "--max-new-tokens", "3"]) == 0
 
 
-def test_qat_checkpoint_quantizes_to_the_weights_it_trained_against(llama, chat, tmp_path):
+def test_qat_checkpoint_quantizes_to_the_weights_it_trained_against(llama_dir, chat_file, tmp_path):
     out = tmp_path / "qat"
-    assert cli.main(["train", f"model={llama}", f"data={chat}", f"out_dir={out}", "method=qat", "qat.scheme=asym",
+    assert cli.main(["train", f"model={llama_dir}", f"data={chat_file}", f"out_dir={out}", "method=qat",
+                     "qat.scheme=asym",
                      "max_iters=3", "batch_size=4", "dataset.max_seq_len=64", "log.progress=false", "log.plot=false",
                      "eval.interval=0", "runtime.threads=1", "dataset.val_fraction=0"]) == 0
     assert quantize(out, "--scheme", "asym", "--granularity", "channel", "--out", tmp_path / "int8") == 0
@@ -103,9 +86,9 @@ def test_qat_checkpoint_quantizes_to_the_weights_it_trained_against(llama, chat,
     (["--observer", "mse"], "unknown observer"),
     (["--eval", "missing.jsonl"], "eval file missing.jsonl does not exist"),
 ])
-def test_bad_input_is_refused_before_loading(llama, tmp_path, argv, message):
+def test_bad_input_is_refused_before_loading(llama_dir, tmp_path, argv, message):
     with pytest.raises(SlimtuneError, match=message):
-        quantize(llama, "--out", tmp_path / "q", *argv)
+        quantize(llama_dir, "--out", tmp_path / "q", *argv)
     assert not (tmp_path / "q").exists()
 
 
@@ -143,8 +126,8 @@ def test_cpu_decoding_uses_the_int8_weight_kernel_and_batches_dequantize():
     assert layer.kernels_used == {WEIGHT_ONLY_KERNEL, QuantizedLinear.KERNEL}
 
 
-def test_report_has_exact_match_where_the_data_has_answers(llama, chat, tmp_path, capsys):
-    assert quantize(llama, "--out", tmp_path / "q", "--eval", chat, "--accuracy", "--limit", "3",
+def test_report_has_exact_match_where_the_data_has_answers(llama_dir, chat_file, tmp_path, capsys):
+    assert quantize(llama_dir, "--out", tmp_path / "q", "--eval", chat_file, "--accuracy", "--limit", "3",
                     "--max-seq-len", "64") == 0
     line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("exact match"))
     assert line.count("%") == 2
