@@ -947,7 +947,8 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from slimtune.config import check_choice as _check_key_choice  # noqa: E402
-from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups  # noqa: E402
+from slimtune.methods.base import (Method, OptimizerContext, build_adam, decay_groups,  # noqa: E402
+                                   refuse_eight_bit_adam)
 from slimtune.registry import METHODS  # noqa: E402
 
 
@@ -1030,9 +1031,7 @@ class BAdam(Method):
         # block, the first layer: backward then runs through every layer.
         from slimtune.plan.estimate import activation_bytes, badam_state
 
-        if run.eight_bit:
-            raise SlimtuneError("method=badam steps its active block with torch AdamW; optimizer adamw8bit is not "
-                                "available for it (use adamw)")
+        refuse_eight_bit_adam(run, "badam")
         b = self.options
         states = badam_state(spec, run.weight_dtype, granularity=b.granularity,
                              include_embedding=b.include_embedding,

@@ -95,6 +95,14 @@ def build_adam(groups: list[dict], cfg, device: torch.device) -> torch.optim.Opt
     return cls(groups, lr=cfg.lr, betas=(o.beta1, o.beta2))
 
 
+def refuse_eight_bit_adam(run, method: str) -> None:
+    """The planner's refusal of optim.name=adamw8bit for a method that steps with torch AdamW (BAdam, QAT, BitNet),
+    the same the trainer gives."""
+    if run.eight_bit:
+        raise SlimtuneError(f"method={method} steps with torch AdamW; optimizer adamw8bit is not available for it "
+                            "(use adamw)")
+
+
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimizer's per-parameter state (moments, step counters)."""
     return sum(v.numel() * v.element_size() for state in optimizer.state.values() for v in state.values()

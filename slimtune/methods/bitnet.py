@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Method
+from slimtune.methods.base import Method, refuse_eight_bit_adam
 from slimtune.registry import METHODS
 
 
@@ -219,9 +219,7 @@ class Bitnet(Method):
         # keeps for backward (`slimtune.plan.methods.bitnet_state`); every layer keeps its activations.
         from slimtune.plan.estimate import activation_bytes, bitnet_state
 
-        if run.eight_bit:
-            raise SlimtuneError("method=bitnet trains with torch AdamW; optimizer adamw8bit is not available for it "
-                                "(use adamw)")
+        refuse_eight_bit_adam(run, "bitnet")
         return (bitnet_state(spec, run.weight_dtype, master_weights=run.master_weights, checkpointing=run.checkpointing)
                 + activation_bytes(spec, run.batch, run.seq, **run.activation_options()))
 

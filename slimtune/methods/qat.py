@@ -10,7 +10,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Method
+from slimtune.methods.base import Method, refuse_eight_bit_adam
 from slimtune.registry import METHODS
 
 
@@ -98,8 +98,6 @@ class Qat(Method):
         # keeps for backward (`slimtune.plan.methods.qat_state`); every layer keeps its activations.
         from slimtune.plan.estimate import activation_bytes, qat_state
 
-        if run.eight_bit:
-            raise SlimtuneError("method=qat trains with torch AdamW; optimizer adamw8bit is not available for it "
-                                "(use adamw)")
+        refuse_eight_bit_adam(run, "qat")
         return (qat_state(spec, run.weight_dtype, master_weights=run.master_weights, checkpointing=run.checkpointing)
                 + activation_bytes(spec, run.batch, run.seq, **run.activation_options()))

@@ -197,6 +197,8 @@ L2 = ["--preset", "llama-2-7b"]
     ([*L2, "--method", "nope"], "method='nope' is not one of"),
     ([*L2, "--batch", "0"], "--batch must be a positive integer"),
     ([*L2, "badam.granularity=matrix"], "applies to method=badam"),
+    *[([*L2, "--method", m, "--optimizer", "adamw8bit"], f"method={m} steps with torch AdamW; optimizer adamw8bit")
+      for m in ("badam", "qat", "bitnet")],
     (["--method", "full"], "give a model"),
 ])
 def test_bad_settings(capsys, argv, match):
