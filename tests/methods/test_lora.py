@@ -122,6 +122,36 @@ def test_adapter_made_with_peft_alone_keeps_training(llama_dir, chat_file, tmp_p
         assert torch.equal(create(cfg).prepare(base_model(llama_dir))(IDS).logits, start_logits)
 
 
+@pytest.mark.parametrize("options", [{}, {"lora_alpha": 7, "use_rslora": True, "lora_dropout": 0.1},
+                                     {"use_dora": True}])
+def test_lean_adapter_forward_is_pefts_bit_for_bit(llama_dir, options):
+    """Training runs peft's LoRA linears with slimtune's leaner forward (in-place scaling and sum): the logits and
+    every gradient must be exactly peft's, with dropout drawing the same masks; DoRA keeps peft's own forward."""
+    from slimtune.methods.lora import lean_lora_layers
+
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
+              "init_lora_weights": False, **options}
+    theirs = peft.get_peft_model(base_model(llama_dir), peft.LoraConfig(**config)).train()
+    torch.manual_seed(0)  # (init_lora_weights=False draws B at random)
+    mine = peft.get_peft_model(base_model(llama_dir), peft.LoraConfig(**config)).train()
+    mine.load_state_dict(theirs.state_dict())
+    assert lean_lora_layers(mine) == 6
+    layer = mine.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer, peft.tuners.lora.layer.Linear) and repr(layer).startswith("lora.Linear(")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    for model in (theirs, mine):
+        torch.manual_seed(1)
+        model.out = model(ids, labels=ids)
+        model.out.loss.backward()
+    assert torch.equal(theirs.out.logits, mine.out.logits)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (theirs, mine)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    with torch.no_grad():
+        assert torch.equal(theirs.eval()(ids).logits, mine.eval()(ids).logits)
+        with mine.disable_adapter():
+            assert torch.equal(mine(ids).logits, base_model(llama_dir)(ids).logits)
+
+
 def test_lora_on_a_classifier_saves_its_new_head(tmp_path):
     import random
 

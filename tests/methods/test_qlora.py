@@ -73,6 +73,36 @@ def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
     assert sorted(a) == list(range(1, 7)) and a == b
 
 
+def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir):
+    """The leaner LoRA forward also runs on bitsandbytes' 4-bit layers (peft's Linear4bit, whose base output it
+    copies first as peft does): logits and adapter gradients exactly peft's."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from slimtune.methods.lora import lean_lora_layers
+
+    def adapted():
+        base = AutoModelForCausalLM.from_pretrained(
+            llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32))
+        return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                                                         target_modules=["q_proj", "v_proj", "up_proj"])).train()
+
+    theirs, mine = adapted(), adapted()
+    peft.set_peft_model_state_dict(mine, peft.get_peft_model_state_dict(theirs))  # the same adapters
+    assert lean_lora_layers(mine) == 6
+    assert type(mine.get_base_model().model.layers[0].mlp.up_proj).__mro__[1] is peft.tuners.lora.bnb.Linear4bit
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
+    for model in (theirs, mine):
+        torch.manual_seed(1)
+        model.out = model(ids, labels=ids)
+        model.out.loss.backward()
+    assert torch.equal(theirs.out.logits, mine.out.logits)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (theirs, mine)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, chat_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
