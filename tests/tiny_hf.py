@@ -101,3 +101,17 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def assert_same_training_step(theirs, mine, ids) -> None:
+    """`theirs` and `mine` give bit-identical logits, losses and gradients on `ids` (labels = ids), each after
+    ``torch.manual_seed(1)`` (so dropout draws alike)."""
+    import torch
+
+    for model in (theirs, mine):
+        torch.manual_seed(1)
+        model.out = model(ids, labels=ids)
+        model.out.loss.backward()
+    assert torch.equal(theirs.out.logits, mine.out.logits)
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (theirs, mine)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])

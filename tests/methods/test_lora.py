@@ -13,7 +13,8 @@ from slimtune import cli
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from tests.conftest import TINY
-from tests.tiny_hf import one_torch_thread, save_tiny_bert, tiny_llama, tiny_tokenizer  # noqa: F401
+from tests.tiny_hf import (assert_same_training_step, one_torch_thread, save_tiny_bert, tiny_llama,  # noqa: F401
+                           tiny_tokenizer)
 
 peft = pytest.importorskip("peft")
 
@@ -139,13 +140,7 @@ def test_lean_adapter_forward_is_pefts_bit_for_bit(llama_dir, options):
     layer = mine.get_base_model().model.layers[0].self_attn.q_proj
     assert isinstance(layer, peft.tuners.lora.layer.Linear) and repr(layer).startswith("lora.Linear(")
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
-    for model in (theirs, mine):
-        torch.manual_seed(1)
-        model.out = model(ids, labels=ids)
-        model.out.loss.backward()
-    assert torch.equal(theirs.out.logits, mine.out.logits)
-    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (theirs, mine)]
-    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert_same_training_step(theirs, mine, ids)
     with torch.no_grad():
         assert torch.equal(theirs.eval()(ids).logits, mine.eval()(ids).logits)
         with mine.disable_adapter():

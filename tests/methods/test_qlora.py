@@ -12,7 +12,7 @@ import torch
 from slimtune import cli
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
-from tests.tiny_hf import one_torch_thread  # noqa: F401
+from tests.tiny_hf import assert_same_training_step, one_torch_thread  # noqa: F401
 
 peft = pytest.importorskip("peft")
 
@@ -94,13 +94,7 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir):
     assert lean_lora_layers(mine) == 6
     assert type(mine.get_base_model().model.layers[0].mlp.up_proj).__mro__[1] is peft.tuners.lora.bnb.Linear4bit
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
-    for model in (theirs, mine):
-        torch.manual_seed(1)
-        model.out = model(ids, labels=ids)
-        model.out.loss.backward()
-    assert torch.equal(theirs.out.logits, mine.out.logits)
-    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (theirs, mine)]
-    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert_same_training_step(theirs, mine, ids)
 
 
 def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, chat_file, tmp_path):
