@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/methods.py                         # every run below, prints a Markdown table
     .venv/bin/python benchmarks/methods.py --runs lora,peft-lora --steps 10
+    .venv/bin/python benchmarks/methods.py --runs lora,qlora --steps 60 --seed 1   # another adapter init and order
 
 Runs (each in its own process, so peaks do not mix):
 
@@ -16,8 +17,9 @@ Runs (each in its own process, so peaks do not mix):
                                in any run, so every run keeps the same activations
 
 Every run: fp32 storage, 2 threads, batch 4 x 128 tokens (the demo task's word-reversal conversations packed into
-128-token sequences), the same batches in the same order, constant learning rate (no warmup or decay), no weight
-decay, gradient clipping at 1.0, LoRA r=8 alpha=16 on every attention and MLP projection. Reported: peak resident
+128-token sequences), the same batches in the same order (--seed changes the order and the adapters' initialisation),
+constant learning rate (no warmup or decay; --decay: a cosine from lr to lr/10 over the run, the same in every run), no
+weight decay, gradient clipping at 1.0, LoRA r=8 alpha=16 on every attention and MLP projection. Reported: peak resident
 memory of the whole process (VmHWM: loading included, which is where quantizing while loading pays), seconds per
 step (mean of all steps after the first), bytes on disk of one checkpoint (slimtune: the step folder with optimizer
 and trainer state; peers: the adapter saved with `save_pretrained` plus `torch.save` of the optimizer state), and the
@@ -51,6 +53,7 @@ LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "qlora-torchao":
       "peft-qlora": 2e-3}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ, SEED, THREADS = 4, 128, 1337, 2
+DECAY = False  # --decay: cosine from LR to LR / 10 over the run, no warmup, in every run
 
 
 def vm_kib(key: str) -> int:
@@ -110,6 +113,13 @@ def quantized_linear_bytes(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def schedule_overrides(method: str, steps: int) -> list[str]:
+    if not DECAY:
+        return ["optim.decay_lr=false"]
+    return ["optim.decay_lr=true", "optim.warmup_iters=0", f"optim.min_lr={LR[method] / 10}",
+            f"optim.lr_decay_iters={steps}"]
+
+
 def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, out: Path) -> dict:
     from slimtune.config import TrainConfig, make_config
     from slimtune.train.loop import fit, setup
@@ -119,7 +129,7 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
         f"model={model}", f"data={data}", f"dataset.val_data={val}", f"out_dir={out}",
         f"method={method.split('-')[0]}",
         f"max_iters={steps}", f"batch_size={BATCH}", f"dataset.max_seq_len={SEQ}", "dataset.packing=true",
-        f"lr={LR[method]}", "optim.decay_lr=false", "optim.weight_decay=0", "optim.grad_clip=1.0",
+        f"lr={LR[method]}", *schedule_overrides(method, steps), "optim.weight_decay=0", "optim.grad_clip=1.0",
         "eval.interval=0", "log.interval=1", "log.progress=false", "log.plot=false",
         f"runtime.threads={THREADS}", "resume=never", "ckpt.keep_last=1", f"seed={SEED}", *extra])
     run = setup(cfg)
@@ -144,6 +154,7 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
 
     from slimtune.data.instruct import InstructionBatches, load_instruction_data
     from slimtune.models.hf import load_tokenizer, resolve_model
+    from slimtune.train.schedule import cosine_with_warmup
 
     torch.set_num_threads(THREADS)
     folder = resolve_model(model)
@@ -166,7 +177,9 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
     batches = InstructionBatches(train_set, BATCH, SEED, pad)
     model_.train()
     losses, dts = [], []
-    for _ in range(steps):
+    for step in range(steps):
+        if DECAY:
+            optimizer.param_groups[0]["lr"] = cosine_with_warmup(step, LR[kind], LR[kind] / 10, 0, steps)
         t0 = time.perf_counter()
         loss = model_(**batches.next_batch()).loss
         loss.backward()
@@ -188,13 +201,20 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
 
 
 def main(argv=None) -> None:
+    global SEED, DECAY
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="seed of every run: adapter initialisation and batch order (the data split stays fixed)")
+    parser.add_argument("--decay", action="store_true",
+                        help="cosine learning-rate decay to lr/10 over the run (no warmup) instead of a constant lr, "
+                             "so the last step's model is not caught mid-oscillation; the same schedule in every run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    SEED, DECAY = args.seed, args.decay
     if args.worker:
         work = Path(args.work_dir)
         out = work / args.worker
@@ -217,7 +237,7 @@ def main(argv=None) -> None:
         write_data(work)
         for name in runs:
             cmd = [sys.executable, __file__, "--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
-                   "--model", args.model]
+                   "--model", args.model, "--seed", str(args.seed), *(["--decay"] if args.decay else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -226,7 +246,8 @@ def main(argv=None) -> None:
                 continue
             rows.append(json.loads(found[-1][len("RESULT "):]))
             print(f"{name}: {rows[-1]}", file=sys.stderr)
-    print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps\n")
+    print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps, seed {SEED}, "
+          f"{'cosine lr decay to lr/10' if DECAY else 'constant lr'}\n")
     print("| run | peak RSS (MB) | s/step | checkpoint (MB) | val loss | train loss first → last |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
