@@ -9,6 +9,7 @@ docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -109,6 +110,13 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def release_cycles() -> None:
+    """Free what a finished run left in reference cycles (modules and their hooks, DDP's reducer, pipeline stages,
+    the optimizer): they hold the process group and gloo's last work, and left to the interpreter's shutdown, gloo's
+    destructors run there and abort a run that succeeded ("terminate called without an active exception")."""
+    gc.collect()
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train according to `cfg`; returns where it ended. Resumes from `out_dir` per `cfg.resume`."""
     threads = torch.get_num_threads()  # runtime.threads holds for this run only, not for the calling process
@@ -118,7 +126,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             return fit(run)
         finally:
             run.metrics.close()
-            run.strategy.teardown()
+            strategy, run = run.strategy, None
+            strategy.teardown()
+            del strategy
+            release_cycles()
     finally:
         torch.set_num_threads(threads)
 

@@ -31,9 +31,14 @@ def torchrun(*args: str, nproc: int = 2) -> str:
         os.killpg(popen.pid, signal.SIGKILL)
         popen.communicate()
         raise
-    # On failure: every rank's error lines (the first failing rank is not always the last to write), then the tail.
-    errors = [line for line in stderr.splitlines() if "Error" in line or "error:" in line or "terminate" in line]
-    assert popen.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + stderr[-1500:]
+    # On failure: every rank's error lines (the first failing rank is not always the last to write), the Python
+    # stacks faulthandler printed for a rank that crashed in native code, then the tail.
+    lines = stderr.splitlines()
+    errors = [line for line in lines if "Error" in line or "error:" in line or "terminate" in line]
+    crashes = [line for i in (i for i, line in enumerate(lines) if line.startswith("Fatal Python error"))
+               for line in lines[i:i + 40]]
+    assert popen.returncode == 0, ("\n".join(errors[:20]) + "\n...\n" + "\n".join(crashes[:80]) + "\n...\n"
+                                   + stderr[-1500:])
     return stdout + stderr
 
 

@@ -89,6 +89,34 @@ def test_fresh_run_is_not_pruned_against_an_older_run(char_data, tmp_path, capsy
     assert [r["step"] for r in _records(out)] == list(range(1, 13))
 
 
+def test_a_finished_run_leaves_no_model_for_the_interpreter_shutdown(char_data, tmp_path, monkeypatch):
+    """FSDP's sharded model sits in reference cycles that hold the process group; a run frees them itself, as gloo
+    aborts a process whose group is destroyed during the interpreter's shutdown (a world of one process here)."""
+    import gc
+    import socket
+
+    from slimtune.models.gpt import GPT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+
+    def models() -> int:
+        return sum(isinstance(o, GPT) for o in gc.get_objects())
+
+    gc.collect()
+    before = models()
+    gc.disable()  # only what train() frees counts
+    try:
+        slimtune.train(_gpt(char_data, tmp_path / "o", "max_iters=2", "strategy=fsdp"))
+        assert models() == before
+    finally:
+        gc.enable()
+
+
 def test_non_finite_loss_stops_before_any_checkpoint_of_it(char_data, tmp_path, monkeypatch):
     from slimtune.train import workloads
 
