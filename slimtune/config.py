@@ -467,7 +467,16 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of dataclass `cls` to the string literal written right below it in the source."""
+    """Map each field of dataclass `cls` (its bases' fields included) to the string literal written right below it
+    in the source."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     class_node = ast.parse(source).body[0]
     docs: dict[str, str] = {}

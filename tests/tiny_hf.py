@@ -103,6 +103,24 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_sentiment_jsonl(path: Path, n: int = 80, seed: int = 0) -> Path:
+    """`n` records {"text", "label": pos|neg} a classifier separates: two sentiment words of the label's kind and
+    two neutral ones, in random order."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    good, bad = "good great fine".split(), "bad awful poor".split()
+    lines = []
+    for _ in range(n):
+        label = rng.random() < 0.5
+        words = rng.sample(good if label else bad, 2) + rng.sample("movie film plot actor".split(), 2)
+        rng.shuffle(words)
+        lines.append(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def assert_same_training_step(theirs, mine, ids) -> None:
     """`theirs` and `mine` give bit-identical logits, losses and gradients on `ids` (labels = ids), each after
     ``torch.manual_seed(1)`` (so dropout draws alike)."""

@@ -33,7 +33,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,7 @@ def nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
 class LoraSection:
     """Low-rank adapters on a frozen base (method=lora)."""
 
+    section: ClassVar[str] = "lora"  # the config section, in error messages
     r: int = 8
     """Rank of every adapter (the A matrix is r x in, B is out x r)."""
     alpha: float = 16.0
@@ -153,33 +154,14 @@ class LoraSection:
     optimizer state; badam.* sets the blocks and the switching."""
 
     def __post_init__(self):
-        _check_lora_keys("lora", self)
+        _check_lora_keys(self.section, self)
 
 
 @dataclass
-class QloraSection:
-    """Low-rank adapters on a frozen 4-bit base (method=qlora)."""
+class QloraSection(LoraSection):
+    """Low-rank adapters on a frozen 4-bit base (method=qlora): every lora.* key, and how the base is stored."""
 
-    r: int = 8
-    """Rank of every adapter (as lora.r)."""
-    alpha: float = 16.0
-    """Scaling numerator (as lora.alpha)."""
-    dropout: float = 0.0
-    """Dropout on the adapter's input."""
-    target_modules: list = field(default_factory=list)
-    """Linear layers to adapt (as lora.target_modules)."""
-    modules_to_save: list = field(default_factory=list)
-    """Modules trained in full and saved with the adapter (as lora.modules_to_save)."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA (DoRA)."""
-    init: str = "default"
-    """Adapter initialisation (as lora.init)."""
-    adapter: str = ""
-    """Start from this peft adapter folder (as lora.adapter)."""
-    badam: bool = False
-    """Train the adapters one block at a time with BAdam (as lora.badam)."""
+    section: ClassVar[str] = "qlora"
     quant_type: str = "nf4"
     """4-bit format of the frozen linear weights: nf4 (NormalFloat, for normally distributed weights) or fp4."""
     double_quant: bool = True
@@ -193,7 +175,7 @@ class QloraSection:
     double quantization only)."""
 
     def __post_init__(self):
-        _check_lora_keys("qlora", self)
+        super().__post_init__()
         check_choice("qlora.quant_type", self.quant_type, ("nf4", "fp4"))
         check_choice("qlora.compute_dtype", self.compute_dtype, ("auto", "fp32", "bf16"))
         check_choice("qlora.backend", self.backend, ("bitsandbytes", "torchao"))

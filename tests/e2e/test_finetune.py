@@ -13,7 +13,7 @@ import torch
 
 from slimtune import cli
 from slimtune.train.checkpoint import list_checkpoints
-from tests.tiny_hf import save_tiny_bert
+from tests.tiny_hf import save_tiny_bert, write_sentiment_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_iters=2", "dataset.max_seq_len=64", "batch_size=4",
@@ -86,17 +86,7 @@ def test_sft_kill_and_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
 
 def test_classification_finetune_learns(tmp_path):
     bert = save_tiny_bert(tmp_path / "bert")
-    import random
-
-    rng = random.Random(0)
-    good, bad = "good great fine".split(), "bad awful poor".split()
-    lines = []
-    for _ in range(80):
-        label = rng.random() < 0.5
-        words = rng.sample(good if label else bad, 2) + rng.sample("movie film plot actor".split(), 2)
-        rng.shuffle(words)
-        lines.append(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}))
-    (tmp_path / "cls.jsonl").write_text("\n".join(lines) + "\n")
+    write_sentiment_jsonl(tmp_path / "cls.jsonl")
     out = tmp_path / "cls"
     assert cli.main(["train", f"model={bert}", "hf.task=classify", f"data={tmp_path / 'cls.jsonl'}", f"out_dir={out}",
                      *FAST, "batch_size=8", "max_iters=60", "lr=3e-3", "eval.interval=60", "dataset.val_fraction=0.2",

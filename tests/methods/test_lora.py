@@ -14,7 +14,7 @@ from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from tests.conftest import TINY
 from tests.tiny_hf import (assert_same_training_step, one_torch_thread, save_tiny_bert, tiny_llama,  # noqa: F401
-                           tiny_tokenizer)
+                           tiny_tokenizer, write_sentiment_jsonl)
 
 peft = pytest.importorskip("peft")
 
@@ -148,17 +148,8 @@ def test_lean_adapter_forward_is_pefts_bit_for_bit(llama_dir, options):
 
 
 def test_lora_on_a_classifier_saves_its_new_head(tmp_path):
-    import random
-
     bert = save_tiny_bert(tmp_path / "bert")
-    rng = random.Random(0)
-    good, bad = "good great fine".split(), "bad awful poor".split()
-    lines = []
-    for _ in range(80):
-        label = rng.random() < 0.5
-        words = rng.sample(good if label else bad, 2) + rng.sample("movie film plot actor".split(), 2)
-        lines.append(json.dumps({"text": " ".join(words), "label": "pos" if label else "neg"}))
-    (tmp_path / "cls.jsonl").write_text("\n".join(lines) + "\n")
+    write_sentiment_jsonl(tmp_path / "cls.jsonl")
     out = tmp_path / "cls"
     assert cli.main(["train", f"model={bert}", "hf.task=classify", f"data={tmp_path / 'cls.jsonl'}", f"out_dir={out}",
                      *FAST, "batch_size=8", "max_iters=40", "lr=1e-2", "method=lora"]) == 0
