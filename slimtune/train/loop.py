@@ -111,9 +111,9 @@ class _StopRequest:
 
 
 def release_cycles() -> None:
-    """Free what a finished run left in reference cycles (modules and their hooks, DDP's reducer, pipeline stages,
-    the optimizer): they hold the process group and gloo's last work, and left to the interpreter's shutdown, gloo's
-    destructors run there and abort a run that succeeded ("terminate called without an active exception")."""
+    """Free what a finished run left in reference cycles (FSDP's sharded modules, pipeline stages and their hooks)
+    now, not at some later collection: a model's memory is back when train() returns, and the process group these
+    objects hold goes with them."""
     gc.collect()
 
 
