@@ -54,6 +54,7 @@ LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "qlora-torchao":
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ, SEED, THREADS = 4, 128, 1337, 2
 DECAY = False  # --decay: cosine from LR to LR / 10 over the run, no warmup, in every run
+ALLOCATOR = "keep"  # --allocator: slimtune's runtime.cpu_allocator (the peft runs keep glibc's defaults)
 
 
 def vm_kib(key: str) -> int:
@@ -131,7 +132,8 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
         f"max_iters={steps}", f"batch_size={BATCH}", f"dataset.max_seq_len={SEQ}", "dataset.packing=true",
         f"lr={LR[method]}", *schedule_overrides(method, steps), "optim.weight_decay=0", "optim.grad_clip=1.0",
         "eval.interval=0", "log.interval=1", "log.progress=false", "log.plot=false",
-        f"runtime.threads={THREADS}", "resume=never", "ckpt.keep_last=1", f"seed={SEED}", *extra])
+        f"runtime.threads={THREADS}", f"runtime.cpu_allocator={ALLOCATOR}", "resume=never", "ckpt.keep_last=1",
+        f"seed={SEED}", *extra])
     run = setup(cfg)
     try:
         result = fit(run)
@@ -201,7 +203,7 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
 
 
 def main(argv=None) -> None:
-    global SEED, DECAY
+    global SEED, DECAY, ALLOCATOR
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated, from {', '.join(RUNS)}")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
@@ -211,10 +213,12 @@ def main(argv=None) -> None:
     parser.add_argument("--decay", action="store_true",
                         help="cosine learning-rate decay to lr/10 over the run (no warmup) instead of a constant lr, "
                              "so the last step's model is not caught mid-oscillation; the same schedule in every run")
+    parser.add_argument("--allocator", default="keep", choices=("keep", "system", "release"),
+                        help="runtime.cpu_allocator of the slimtune runs (the peft runs keep glibc's defaults)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    SEED, DECAY = args.seed, args.decay
+    SEED, DECAY, ALLOCATOR = args.seed, args.decay, args.allocator
     if args.worker:
         work = Path(args.work_dir)
         out = work / args.worker
@@ -237,7 +241,8 @@ def main(argv=None) -> None:
         write_data(work)
         for name in runs:
             cmd = [sys.executable, __file__, "--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
-                   "--model", args.model, "--seed", str(args.seed), *(["--decay"] if args.decay else [])]
+                   "--model", args.model, "--seed", str(args.seed), "--allocator", args.allocator,
+                   *(["--decay"] if args.decay else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
             found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -247,7 +252,8 @@ def main(argv=None) -> None:
             rows.append(json.loads(found[-1][len("RESULT "):]))
             print(f"{name}: {rows[-1]}", file=sys.stderr)
     print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps, seed {SEED}, "
-          f"{'cosine lr decay to lr/10' if DECAY else 'constant lr'}\n")
+          f"{'cosine lr decay to lr/10' if DECAY else 'constant lr'}, slimtune runs with "
+          f"runtime.cpu_allocator={ALLOCATOR}\n")
     print("| run | peak RSS (MB) | s/step | checkpoint (MB) | val loss | train loss first → last |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
