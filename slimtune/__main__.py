@@ -18,6 +18,6 @@ def exit_worker(code: int) -> None:
 
 if __name__ == "__main__":
     code = main()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "torch.distributed" in sys.modules:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # a worker of torchrun or the deepspeed launcher
         exit_worker(code)
     raise SystemExit(code)

@@ -64,6 +64,15 @@ def chat_file(tmp_path_factory) -> Path:
     return write_jsonl(make_examples(40, seed=0), tmp_path_factory.mktemp("sft") / "reverse.jsonl")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a process group's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def quantize(*argv) -> int:
     """`slimtune quantize ARGV...` in this process; its exit status."""
     import argparse

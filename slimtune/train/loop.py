@@ -110,13 +110,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def release_cycles() -> None:
-    """Free what a finished run left in reference cycles (FSDP's sharded modules, pipeline stages and their hooks)
-    now, not at some later collection: a model's memory is back when train() returns, and the process group these
-    objects hold goes with them."""
-    gc.collect()
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Train according to `cfg`; returns where it ended. Resumes from `out_dir` per `cfg.resume`."""
     threads = torch.get_num_threads()  # runtime.threads holds for this run only, not for the calling process
@@ -129,7 +122,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             strategy, run = run.strategy, None
             strategy.teardown()
             del strategy
-            release_cycles()
+            # FSDP's sharded modules and pipeline stages sit in reference cycles: free them now, so the model's
+            # memory is back when train() returns rather than at some later collection.
+            gc.collect()
     finally:
         torch.set_num_threads(threads)
 

@@ -45,7 +45,7 @@ def torchrun(*args: str, nproc: int = 2) -> str:
 def test_a_torchrun_worker_ends_without_the_interpreter_shutdown():
     """Gloo's threads outlive DDP's process group, and one that frees tensors during the interpreter's shutdown
     aborts the process: a worker leaves with os._exit once its output is flushed."""
-    code = ("import atexit, runpy, sys, torch.distributed; atexit.register(lambda: print('SHUTDOWN RAN')); "
+    code = ("import atexit, runpy, sys; atexit.register(lambda: print('SHUTDOWN RAN')); "
             "sys.argv = ['slimtune']; runpy.run_module('slimtune', run_name='__main__')")
     for env, shutdown in (({"RANK": "0", "WORLD_SIZE": "2"}, False), ({}, True)):
         clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}

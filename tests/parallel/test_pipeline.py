@@ -4,7 +4,6 @@ a CNN with a skip connection train exactly like the unsplit model, with GPipe, 1
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.nn as nn
 
 from slimtune.parallel.partition import equal_layer_split
 from slimtune.parallel.units import cut_units
+from tests.conftest import free_port
 
 SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved1f1b": 2}  # schedule -> stages per process
 
@@ -122,18 +122,12 @@ def _train_pipelined(rank: int, world: int, port: int, out):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipelined():
     """(model, schedule, rank) -> that rank's losses (last stage) and parameters after three steps."""
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_train_pipelined, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+        mp.start_processes(_train_pipelined, args=(2, free_port(), out), nprocs=2, start_method="spawn")
         return dict(out)
 
 

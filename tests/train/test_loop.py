@@ -13,7 +13,7 @@ import slimtune
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
 from slimtune.train.checkpoint import list_checkpoints
-from tests.conftest import TINY
+from tests.conftest import TINY, free_port
 from tests.tiny_hf import one_torch_thread, save_tiny_llama  # noqa: F401
 
 
@@ -93,15 +93,11 @@ def test_a_finished_run_frees_its_model(char_data, tmp_path, monkeypatch):
     """FSDP's sharded model sits in reference cycles (a world of one process here): train() frees it before it
     returns, without waiting for the garbage collector."""
     import gc
-    import socket
 
     from slimtune.models.gpt import GPT
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
+                       "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(key, value)
 
     def models() -> int:
