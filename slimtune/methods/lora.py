@@ -416,8 +416,10 @@ def _lean_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     result = self.base_layer(x)
     if result.dtype != x.dtype:  # a base layer that computes in another dtype: peft casts, so let it
         return peft_forward(self, x)
-    if self._clone_base_output or result._is_view():  # as peft does for bitsandbytes' 4-bit layers; a custom
-        result = result.clone()  # autograd Function's output (slimtune's oneDNN linear) may be a view too
+    fresh = getattr(self.base_layer, "fresh_output", None)  # slimtune's 4-bit layers say when peft's copy is moot
+    if (self._clone_base_output and not (fresh is not None and fresh(x))) or result._is_view():
+        result = result.clone()  # as peft does for bitsandbytes' 4-bit layers; a custom autograd Function's output
+        # (slimtune's oneDNN linear) may be a view too
     for name in adapters:
         # lora_B's backward needs its input, not its output, and the base layer's needs none: both may change in place
         delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
@@ -788,8 +790,14 @@ class Qlora(Lora):
         return super().prepare(model)
 
     def _quantize(self, model: nn.Module) -> nn.Module:
-        """The torchao backend quantizes after loading; bitsandbytes already did while loading."""
-        return nf4_linears(model, self.compute_dtype()) if self.options.backend == "torchao" else model
+        """The torchao backend quantizes after loading; bitsandbytes already did while loading, and its layers get
+        slimtune's CPU product (`slimtune.quant.bnb4`: the same values, no weight-sized allocation per product)."""
+        if self.options.backend == "torchao":
+            return nf4_linears(model, self.compute_dtype())
+        from slimtune.quant.bnb4 import use_workspace_4bit
+
+        use_workspace_4bit(model)
+        return model
 
     def load_base(self, source: Path, trust_remote_code: bool = False):
         model, tokenizer = super().load_base(source, trust_remote_code)

@@ -42,6 +42,7 @@ def test_base_linears_are_4bit_and_frozen_and_only_adapters_change(llama_dir, ch
     try:
         quantized = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert len(quantized) == 2 * 7  # every projection of both blocks; the head stays as it is
+        assert {type(m).__name__ for m in quantized} == {"Workspace4bit"}  # slimtune's CPU product
         for m in quantized:
             assert m.weight.dtype == torch.uint8 and not m.weight.requires_grad
             assert m.weight.quant_state.quant_type == "nf4" and m.weight.quant_state.nested  # double quantization
@@ -73,10 +74,13 @@ def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
     assert sorted(a) == list(range(1, 7)) and a == b
 
 
-def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir):
+@pytest.mark.parametrize("workspace", [False, True], ids=["bnb-product", "workspace-product"])
+def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir, workspace):
     """The leaner LoRA forward also runs on bitsandbytes' 4-bit layers (peft's Linear4bit, whose base output it
-    copies first as peft does): logits and adapter gradients exactly peft's."""
+    copies first as peft does, unless slimtune's workspace product made it): logits and adapter gradients exactly
+    peft's on bitsandbytes' own layers."""
     pytest.importorskip("bitsandbytes")
+    from slimtune.quant.bnb4 import use_workspace_4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from slimtune.methods.lora import lean_lora_layers
@@ -93,6 +97,9 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir):
     peft.set_peft_model_state_dict(mine, peft.get_peft_model_state_dict(theirs))  # the same adapters
     assert lean_lora_layers(mine) == 6
     assert type(mine.get_base_model().model.layers[0].mlp.up_proj).__mro__[1] is peft.tuners.lora.bnb.Linear4bit
+    if workspace:
+        assert use_workspace_4bit(mine) == 2 * 7  # the adapted layers' bases and the other projections
+        assert mine.get_base_model().model.layers[0].mlp.up_proj.base_layer.fresh_output(torch.zeros(1, 32))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
     assert_same_training_step(theirs, mine, ids)
 
