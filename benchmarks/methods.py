@@ -10,6 +10,8 @@ Runs (each in its own process, so peaks do not mix):
                                several blocks); what `slimtune train` runs, with its defaults
     qlora-torchao              method=qlora with qlora.backend=torchao (torchao's NF4 tensor, quantized after
                                loading)
+    qlora-loftq                method=qlora with qlora.init=loftq (the adapters start at the rank-8 part of the
+                               4-bit rounding error; the same 4-bit base)
     peft-lora                  a plain Hugging Face loop: `AutoModelForCausalLM` + `peft.get_peft_model`, torch
                                AdamW, `model(**batch).loss` (the model's own full-logits loss)
     peft-qlora                 the same on a `BitsAndBytesConfig` base (nf4, double quantization) after
@@ -48,9 +50,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RUNS = ("full", "badam", "lora", "qlora", "qlora-torchao", "peft-lora", "peft-qlora")
-LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "qlora-torchao": 2e-3, "peft-lora": 2e-3,
-      "peft-qlora": 2e-3}
+RUNS = ("full", "badam", "lora", "qlora", "qlora-loftq", "qlora-torchao", "peft-lora", "peft-qlora")
+LR = {"full": 1e-4, "badam": 5e-4, "lora": 2e-3, "qlora": 2e-3, "qlora-loftq": 2e-3, "qlora-torchao": 2e-3,
+      "peft-lora": 2e-3, "peft-qlora": 2e-3}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, SEQ, SEED, THREADS = 4, 128, 1337, 2
 DECAY = False  # --decay: cosine from LR to LR / 10 over the run, no warmup, in every run
@@ -125,7 +127,8 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
     from slimtune.config import TrainConfig, make_config
     from slimtune.train.loop import fit, setup
 
-    extra = {"badam": ["badam.switch_every=5"], "qlora-torchao": ["qlora.backend=torchao"]}.get(method, [])
+    extra = {"badam": ["badam.switch_every=5"], "qlora-torchao": ["qlora.backend=torchao"],
+             "qlora-loftq": ["qlora.init=loftq"]}.get(method, [])
     cfg = make_config(TrainConfig, overrides=[
         f"model={model}", f"data={data}", f"dataset.val_data={val}", f"out_dir={out}",
         f"method={method.split('-')[0]}",

@@ -16,7 +16,8 @@ QLoRA keeps the frozen linear layers in 4-bit (NF4 or FP4, optionally double-qua
 quantized while transformers loads the weights. Unlike peft's `prepare_model_for_kbit_training`, the frozen
 embeddings and norms stay in their storage dtype: casting them to fp32 costs memory and buys nothing when they
 never train. A merged export dequantizes the base and adds the LoRA delta in fp32; it never re-quantizes (that
-would erase a small fine-tune).
+would erase a small fine-tune). qlora.init=loftq starts the adapters at the rank-r part of each layer's rounding error
+(`slimtune.quant.loftq`), leaving the base as it is.
 
 peft and bitsandbytes are imported only inside functions: the method registry imports this module whether or not
 they are installed, and a missing one is an error that names the extra to install.
@@ -48,9 +49,11 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_FINGERPRINT = "slimtune_base.json"
 
-# peft initialisations that keep the base weights as they are (PiSSA, OLoRA, CorDA and LoftQ rewrite the base, so
-# an adapter-only checkpoint could not rebuild the model; EVA needs data before training).
-INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "random": False}
+# peft initialisations that keep the base weights as they are (PiSSA, OLoRA, CorDA and peft's LoftQ rewrite the
+# base, so an adapter-only checkpoint could not rebuild the model; EVA needs data before training). qlora.init=loftq
+# is slimtune's own (the base stays as method=qlora stores it, `slimtune.quant.loftq`): peft creates the adapters
+# with its default, then `Qlora.prepare` sets them.
+INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "random": False, "loftq": True}
 # Classification heads that transformers initialises fresh for hf.task=classify: they must train and be saved.
 CLASSIFIER_HEADS = ("score", "classifier")
 
@@ -145,7 +148,9 @@ class LoraSection:
     """Weight-decomposed LoRA (DoRA): also trains a magnitude vector per adapted layer."""
     init: str = "default"
     """Adapter initialisation (peft's init_lora_weights): default (A random, B zero), gaussian, orthogonal, or
-    random (B non-zero too: the model changes before any training; for tests)."""
+    random (B non-zero too: the model changes before any training; for tests). method=qlora also takes loftq: the
+    adapters start at the best rank-r correction of the 4-bit base's rounding (the adapter then belongs to the
+    4-bit base: merge it, or load it over a base quantized the same way)."""
     adapter: str = ""
     """Start from this peft adapter folder (adapter_config.json + adapter_model.safetensors) instead of a fresh
     adapter; its rank, targets and scaling replace the keys above."""
@@ -192,6 +197,17 @@ def _check_lora_keys(section: str, o) -> None:
     if not 0.0 <= o.dropout < 1.0:
         raise SlimtuneError(f"{section}.dropout must be in [0, 1), got {o.dropout}")
     check_choice(f"{section}.init", o.init, tuple(INITS))
+    if o.init == "loftq":
+        if section != "qlora":
+            raise SlimtuneError(f"{section}.init=loftq starts the adapters at a 4-bit base's rounding error: it is for "
+                                f"method=qlora (qlora.init=loftq); for method={section} use one of "
+                                f"{', '.join(i for i in INITS if i != 'loftq')}")
+        if o.use_dora:
+            raise SlimtuneError("qlora.init=loftq and qlora.use_dora=true do not combine (DoRA sizes its magnitudes "
+                                "from the adapters at creation): drop one of them")
+        if o.adapter:
+            raise SlimtuneError("qlora.init=loftq and qlora.adapter both set the adapters' starting values: drop one "
+                                "of them")
     if o.adapter and not (Path(o.adapter) / ADAPTER_CONFIG).is_file():
         raise SlimtuneError(f"{section}.adapter={o.adapter} is not a peft adapter folder (no {ADAPTER_CONFIG} in it)")
 
@@ -649,6 +665,13 @@ class Lora(Method):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if not merge and self.options.init == "loftq":
+            import sys
+
+            print(f"warning: {out_dir}: this adapter was trained from qlora.init=loftq, so it also corrects the 4-bit "
+                  f"rounding of its base: load it over the base quantized the same way ({self.options.quant_type}"
+                  f"{', double quant' if self.options.double_quant else ''}), or export with --merge for "
+                  f"full-precision weights", file=sys.stderr)
         return out_dir
 
     # -- reporting ------------------------------------------------------------------------------------------------
@@ -787,7 +810,38 @@ class Qlora(Lora):
         # No prepare_model_for_kbit_training: it casts every frozen non-quantized tensor (embeddings, norms) to
         # fp32, which costs memory and changes nothing that trains.
         own_memory(self._quantize(model))
-        return super().prepare(model)
+        model = super().prepare(model)
+        if self.options.init == "loftq":
+            self.loftq_adapters(model)
+        return model
+
+    @torch.no_grad()
+    def loftq_adapters(self, model: nn.Module) -> int:
+        """Set every adapter on a 4-bit linear to the rank-r approximation of its rounding error (the original
+        weight, read from the model folder, minus the dequantized 4-bit one); returns how many were set. On a
+        resumed run the checkpoint's adapters replace these."""
+        from peft.tuners.lora import LoraLayer
+
+        from slimtune.models.hf import resolve_model
+        from slimtune.quant.loftq import SourceWeights, low_rank_factors
+
+        count = 0
+        prefixes = tuple(p for p in (getattr(model, "base_model_prefix", ""),) if p)
+        with SourceWeights(resolve_model(self.cfg.model)) as source:
+            for name, module in model.named_modules():
+                if not isinstance(module, LoraLayer) or not is_quantized(module.get_base_layer().weight):
+                    continue
+                base = module.get_base_layer()
+                residual = source.find(name, prefixes).float() - dequantized_weight(base)
+                for adapter in module.lora_A:
+                    b, a = low_rank_factors(residual, module.r[adapter], module.scaling[adapter])
+                    module.lora_B[adapter].weight.copy_(b)
+                    module.lora_A[adapter].weight.copy_(a)
+                    count += 1
+        if not count:
+            raise SlimtuneError("qlora.init=loftq found no adapter on a 4-bit layer (qlora.target_modules names only "
+                                "layers that stay unquantized): use qlora.init=default")
+        return count
 
     def _quantize(self, model: nn.Module) -> nn.Module:
         """The torchao backend quantizes after loading; bitsandbytes already did while loading, and its layers get

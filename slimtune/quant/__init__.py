@@ -1,6 +1,7 @@
 """Quantization building blocks: textbook int-N arithmetic, BitNet b1.58 layers, ternary packing and export,
-fake-quantized (QAT) and int8 (PTQ) linear layers, the loader of quantized folders (`slimtune.quant.load`), and
-the CPU product of bitsandbytes' 4-bit layers that method=qlora trains on (`slimtune.quant.bnb4`).
+fake-quantized (QAT) and int8 (PTQ) linear layers, the loader of quantized folders (`slimtune.quant.load`), the
+CPU product of bitsandbytes' 4-bit layers that method=qlora trains on (`slimtune.quant.bnb4`), and qlora.init=loftq's
+low-rank start from the rounding error (`slimtune.quant.loftq`).
 
 These are layer-level pieces; the training methods that swap them into a model live in `slimtune.methods` (qat,
 bitnet), post-training quantization in `slimtune.quant.ptq` and its verb in `slimtune.quant.cli`.

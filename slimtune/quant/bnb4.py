@@ -6,8 +6,8 @@ to a few MB (3.4 MB for a 1536 x 576 projection in fp32), allocated and freed be
 for its backward, leave holes in glibc's heap that later activations only partly fill: the process grows by more
 than the tensors it holds, and by a different amount from run to run. Measured on SmolLM2-135M (QLoRA r=8, 4 x 128
 tokens, 6 steps, AMD EPYC Zen 3, three runs each): peak resident memory 1557 / 1653 / 1775 MB with bitsandbytes'
-product, 1514 / 1524 / 1562 MB with this one (with the LoRA layers' defensive output copy dropped, see
-`Workspace4bit.fresh_output`).
+product, 1547 / 1527 / 1554 MB with this one (with the LoRA layers' defensive output copy dropped, see
+`Workspace4bit.fresh_output`); the full comparison is docs/BENCHMARKS.md section 8.
 
 `Workspace4bit` is bitsandbytes' `Linear4bit` (same parameters, state dict and quantization state; peft's LoRA wraps
 it as it wraps the original) whose forward, for fp32 products on CPU, decodes into the calling thread's buffer. The

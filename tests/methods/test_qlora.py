@@ -62,16 +62,79 @@ def test_base_linears_are_4bit_and_frozen_and_only_adapters_change(llama_dir, ch
     assert run_losses[6] < run_losses[1]
 
 
-def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path):
+@pytest.mark.parametrize("init", ["default", "loftq"])
+def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path, init):
     pytest.importorskip("bitsandbytes")
     args = lambda out: train_args(llama_dir, chat_file, out, "max_iters=6", "ckpt.interval=3",  # noqa: E731
-                                  "ckpt.keep_last=0", "qlora.dropout=0.1")
+                                  "ckpt.keep_last=0", "qlora.dropout=0.1", f"qlora.init={init}")
     assert cli.main(args(tmp_path / "straight")) == 0
     assert cli.main(args(tmp_path / "stopped")) == 0
     shutil.rmtree(tmp_path / "stopped" / "step-000006")
     assert cli.main(args(tmp_path / "stopped")) == 0
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
     assert sorted(a) == list(range(1, 7)) and a == b
+
+
+def quantized_llama(llama_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    return AutoModelForCausalLM.from_pretrained(
+        llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["bitsandbytes", "torchao"])
+def test_loftq_adapters_start_at_the_rounding_error(llama_dir, chat_file, tmp_path, backend, capsys):
+    """qlora.init=loftq: every adapter on a 4-bit layer starts at the best rank-r approximation of what rounding
+    lost, so the model starts nearer the full-precision one; the base is the one plain qlora stores, and the saved
+    adapter is an ordinary peft adapter over it."""
+    pytest.importorskip(backend)
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slimtune.finetune import open_causal_lm
+    from slimtune.methods.lora import dequantized_weight
+    from slimtune.train.loop import setup
+
+    original = load_file(str(llama_dir / "model.safetensors"))
+    cfg = make_config(TrainConfig, overrides=train_args(llama_dir, chat_file, tmp_path / "o", "qlora.init=loftq",
+                                                        f"qlora.backend={backend}")[1:])
+    run = setup(cfg)
+    try:
+        layers = {n: m for n, m in run.model.named_modules() if isinstance(m, LoraLayer)}
+        assert len(layers) == 2 * 7
+        for name, m in layers.items():
+            rounding = original[f"{name}.weight"].float() - dequantized_weight(m.get_base_layer())
+            u, s, vh = torch.linalg.svd(rounding, full_matrices=False)
+            best = (u[:, :8] * s[:8]) @ vh[:8]
+            delta = m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
+            # Within 1 % of the best rank-8 error (a randomized SVD), and well below the plain rounding error.
+            assert (rounding - delta).norm() <= 1.01 * (rounding - best).norm(), name
+            assert (rounding - delta).norm() < 0.9 * rounding.norm(), name
+        full = AutoModelForCausalLM.from_pretrained(llama_dir, local_files_only=True).eval()
+        with torch.no_grad():
+            start = run.model.eval()(IDS).logits
+            with run.method.peft_model.disable_adapter():
+                rounded = run.model(IDS).logits
+            reference = full(IDS).logits
+        assert (start - reference).abs().max() < 0.5 * (rounded - reference).abs().max()
+    finally:
+        run.strategy.teardown()
+    if backend != "bitsandbytes":
+        return
+    out = tmp_path / "run"
+    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=2", "qlora.init=loftq")) == 0
+    assert json.loads((out / "step-000002" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    ours, _ = open_causal_lm(str(out), device="cpu")
+    plain = peft.PeftModel.from_pretrained(quantized_llama(llama_dir), str(out / "step-000002")).eval()
+    with torch.no_grad():
+        assert torch.equal(plain(IDS).logits, ours(IDS).logits)
+    capsys.readouterr()
+    assert cli.main(["export", str(out), str(tmp_path / "adapter")]) == 0  # the adapter alone: told what it needs
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert "trained from qlora.init=loftq" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workspace", [False, True], ids=["bnb-product", "workspace-product"])
@@ -123,13 +186,7 @@ def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, cha
     with torch.no_grad():
         assert (merged(IDS).logits - ours(IDS).logits).abs().max() < 1e-4
     # The checkpoint's adapter also loads with plain peft on the same 4-bit base, giving the same logits.
-    from transformers import BitsAndBytesConfig
-
-    quantized = AutoModelForCausalLM.from_pretrained(
-        llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32))
-    plain = peft.PeftModel.from_pretrained(quantized, str(out / "step-000004")).eval()
+    plain = peft.PeftModel.from_pretrained(quantized_llama(llama_dir), str(out / "step-000004")).eval()
     with torch.no_grad():
         assert torch.equal(plain(IDS).logits, ours(IDS).logits)
 
@@ -148,6 +205,14 @@ def test_bad_qlora_keys(llama_dir):
         make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.quant_type=int3"])
     with pytest.raises(SlimtuneError, match="qlora.r must be a positive integer"):
         make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.r=-1"])
+    with pytest.raises(SlimtuneError, match=r"lora.init=loftq starts the adapters .* for method=qlora"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=lora", "lora.init=loftq"])
+    with pytest.raises(SlimtuneError, match="qlora.init=loftq and qlora.use_dora=true do not combine"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.init=loftq",
+                                            "qlora.use_dora=true"])
+    with pytest.raises(SlimtuneError, match="qlora.init=loftq and qlora.adapter both set"):
+        make_config(TrainConfig, overrides=[f"model={llama_dir}", "method=qlora", "qlora.init=loftq",
+                                            "qlora.adapter=elsewhere"])
     with pytest.raises(SlimtuneError, match="model=gpt is built from scratch"):
         from slimtune import methods
 
