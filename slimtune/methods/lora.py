@@ -31,6 +31,7 @@ import json
 import math
 import re
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -666,8 +667,6 @@ class Lora(Method):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if not merge and self.options.init == "loftq":
-            import sys
-
             print(f"warning: {out_dir}: this adapter was trained from qlora.init=loftq, so it also corrects the 4-bit "
                   f"rounding of its base: load it over the base quantized the same way ({self.options.quant_type}"
                   f"{', double quant' if self.options.double_quant else ''}), or export with --merge for "
