@@ -828,9 +828,9 @@ class Qlora(Lora):
         prefixes = tuple(p for p in (getattr(model, "base_model_prefix", ""),) if p)
         with SourceWeights(resolve_model(self.cfg.model)) as source:
             for name, module in model.named_modules():
-                if not isinstance(module, LoraLayer) or not is_quantized(module.get_base_layer().weight):
+                base = module.get_base_layer() if isinstance(module, LoraLayer) else None
+                if base is None or not is_quantized(base.weight):
                     continue
-                base = module.get_base_layer()
                 residual = source.find(name, prefixes).float() - dequantized_weight(base)
                 for adapter in module.lora_A:
                     b, a = low_rank_factors(residual, module.r[adapter], module.scaling[adapter])

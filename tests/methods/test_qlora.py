@@ -143,18 +143,13 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir, wor
     copies first as peft does, unless slimtune's workspace product made it): logits and adapter gradients exactly
     peft's on bitsandbytes' own layers."""
     pytest.importorskip("bitsandbytes")
-    from slimtune.quant.bnb4 import use_workspace_4bit
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     from slimtune.methods.lora import lean_lora_layers
+    from slimtune.quant.bnb4 import use_workspace_4bit
 
     def adapted():
-        base = AutoModelForCausalLM.from_pretrained(
-            llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32))
-        return peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
-                                                         target_modules=["q_proj", "v_proj", "up_proj"])).train()
+        config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                                 target_modules=["q_proj", "v_proj", "up_proj"])
+        return peft.get_peft_model(quantized_llama(llama_dir), config).train()
 
     theirs, mine = adapted(), adapted()
     peft.set_peft_model_state_dict(mine, peft.get_peft_model_state_dict(theirs))  # the same adapters
