@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/methods.py                         # every run below, prints a Markdown table
     .venv/bin/python benchmarks/methods.py --runs lora,peft-lora --steps 10
     .venv/bin/python benchmarks/methods.py --runs lora,qlora --steps 60 --seed 1   # another adapter init and order
+    .venv/bin/python benchmarks/methods.py --runs lora,qlora --steps 60 --decay --seeds 0-7 --results study.jsonl
 
 Runs (each in its own process, so peaks do not mix):
 
@@ -146,7 +147,8 @@ def slimtune_worker(method: str, model: str, data: Path, val: Path, steps: int, 
     dts = [r["dt_s"] for r in records if r["kind"] == "train"][1:]
     peak = vm_kib("VmHWM") / 1024  # before evaluating: the peak of loading and training
     row = {"run": method, "peak_mb": peak, "s_per_step": sum(dts) / len(dts),
-           "ckpt_mb": folder_bytes(result.checkpoint) / 2**20, "val_loss": val_loss(run.model, val, run.workload.tokenizer),
+           "ckpt_mb": folder_bytes(result.checkpoint) / 2**20,
+           "val_loss": val_loss(run.model, val, run.workload.tokenizer),
            "losses": [round(r["loss"], 3) for r in records if r["kind"] == "train"]}
     if method.startswith("qlora"):
         row["linear_4bit_mb"], row["linear_fp32_mb"] = (b / 2**20 for b in quantized_linear_bytes(run.model))
@@ -205,6 +207,96 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-7' (inclusive) or a mix: '0-3,9'."""
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise SystemExit(f"--seeds {text!r}: expected numbers and ranges like 0-7,9")
+        seeds.extend(range(int(lo), int(hi or lo) + 1))
+    return seeds
+
+
+def paired_ratio_interval(base: list[float], other: list[float], reps: int = 10000) -> tuple[float, float]:
+    """95 % bootstrap interval of mean(other) / mean(base), resampling seeds with their pairs kept together (the
+    two runs of one seed saw the same batches and started from the same adapter initialisation)."""
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(base), (reps, len(base)), generator=gen)
+    base_, other_ = torch.tensor(base, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)
+    ratios = other_[idx].mean(1) / base_[idx].mean(1)
+    lo, hi = torch.quantile(ratios, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def protocol(args) -> dict:
+    """What makes two rows comparable; rows of a --results file with another protocol are not reused."""
+    return {"model": args.model, "steps": args.steps, "decay": args.decay, "allocator": args.allocator,
+            "batch": BATCH, "seq": SEQ, "threads": THREADS}
+
+
+def run_worker(name: str, seed: int, work: Path, args) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
+           "--model", args.model, "--seed", str(seed), "--allocator", args.allocator,
+           *(["--decay"] if args.decay else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+    found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not found:
+        print(f"{name} (seed {seed}) failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(found[-1][len("RESULT "):])
+
+
+def print_table(rows: list[dict], args, seed: int) -> None:
+    print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps, seed {seed}, "
+          f"{'cosine lr decay to lr/10' if args.decay else 'constant lr'}, slimtune runs with "
+          f"runtime.cpu_allocator={args.allocator}\n")
+    print("| run | peak RSS (MB) | s/step | checkpoint (MB) | val loss | train loss first → last |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {r['ckpt_mb']:.2f} | "
+              f"{r['val_loss']:.4f} | {r['losses'][0]} → {r['losses'][-1]} |")
+    for r in rows:
+        if "linear_4bit_mb" in r:
+            print(f"\n{r['run']}: frozen linear weights {r['linear_4bit_mb']:.1f} MB in 4-bit vs "
+                  f"{r['linear_fp32_mb']:.1f} MB in fp32 ({r['linear_4bit_mb'] / r['linear_fp32_mb']:.3f}x)")
+
+
+def print_seed_summary(rows: list[dict], runs: list[str], seeds: list[int]) -> None:
+    """Validation loss and peak per seed, then mean, spread and the ratio to the first run's mean (with a paired
+    bootstrap interval over the seeds where both finished)."""
+    by = {(r["run"], r["seed"]): r for r in rows}
+    print(f"\nvalidation loss (peak RSS MB) per seed, {len(seeds)} seeds\n")
+    print("| seed | " + " | ".join(runs) + " |")
+    print("|---:|" + "---:|" * len(runs))
+    for seed in seeds:
+        cells = [f"{by[n, seed]['val_loss']:.4f} ({by[n, seed]['peak_mb']:.0f})" if (n, seed) in by else "failed"
+                 for n in runs]
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+    base = runs[0]
+    print(f"\n| run | seeds | val loss mean | std | / {base} (mean over mean) | 95 % paired bootstrap "
+          "| peak mean (MB) |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for name in runs:
+        mine = [by[name, s] for s in seeds if (name, s) in by]
+        if not mine:
+            continue
+        losses = torch.tensor([r["val_loss"] for r in mine], dtype=torch.float64)
+        std = losses.std().item() if len(mine) > 1 else float("nan")
+        paired = [s for s in seeds if (name, s) in by and (base, s) in by]
+        ratio = interval = "-"
+        if name != base and paired:
+            b = [by[base, s]["val_loss"] for s in paired]
+            o = [by[name, s]["val_loss"] for s in paired]
+            ratio = f"{sum(o) / sum(b):.3f}"
+            if len(paired) > 1:
+                lo, hi = paired_ratio_interval(b, o)
+                interval = f"{lo:.3f} – {hi:.3f}"
+        peak = sum(r["peak_mb"] for r in mine) / len(mine)
+        print(f"| {name} | {len(mine)} | {losses.mean().item():.4f} | {std:.4f} | {ratio} | {interval} | {peak:.0f} |")
+
+
 def main(argv=None) -> None:
     global SEED, DECAY, ALLOCATOR
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,6 +305,13 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seed", type=int, default=SEED,
                         help="seed of every run: adapter initialisation and batch order (the data split stays fixed)")
+    parser.add_argument("--seeds", default=None,
+                        help="several seeds, e.g. 0-7 or 0,1,5: every run once per seed, then the validation loss's "
+                             "mean, spread and ratio to the first run with a paired bootstrap interval")
+    parser.add_argument("--results", default=None,
+                        help="a JSON-lines file: every finished run is appended as it ends, and runs already in it "
+                             "with the same protocol (model, steps, schedule, allocator) are reused, not rerun, so "
+                             "an interrupted study continues where it stopped")
     parser.add_argument("--decay", action="store_true",
                         help="cosine learning-rate decay to lr/10 over the run (no warmup) instead of a constant lr, "
                              "so the last step's model is not caught mid-oscillation; the same schedule in every run")
@@ -231,41 +330,47 @@ def main(argv=None) -> None:
         print("RESULT " + json.dumps(row))
         return
 
-    from slimtune.models.hf import resolve_model
-
-    resolve_model(args.model)  # convert the GGUF file once, before any timed process
     runs = [r for r in args.runs.split(",") if r]
     unknown = set(runs) - set(RUNS)
     if unknown:
         raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(RUNS)}")
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    proto = protocol(args)
+    results = Path(args.results) if args.results else None
+    done = {}
+    if results is not None and results.exists():
+        for number, line in enumerate(results.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{results}:{number}: not a JSON line ({e}); remove the line or pick another file")
+            if row.get("protocol") == proto:
+                done[row["run"], row["seed"]] = row
+
+    from slimtune.models.hf import resolve_model
+
+    resolve_model(args.model)  # convert the GGUF file once, before any timed process
     rows = []
     with tempfile.TemporaryDirectory(prefix="slimtune-methods-") as tmp:
         work = Path(tmp)
         write_data(work)
-        for name in runs:
-            cmd = [sys.executable, __file__, "--worker", name, "--work-dir", str(work), "--steps", str(args.steps),
-                   "--model", args.model, "--seed", str(args.seed), "--allocator", args.allocator,
-                   *(["--decay"] if args.decay else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                  env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
-            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not found:
-                print(f"{name} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-                continue
-            rows.append(json.loads(found[-1][len("RESULT "):]))
-            print(f"{name}: {rows[-1]}", file=sys.stderr)
-    print(f"SmolLM2-135M, fp32 storage, batch {BATCH} x {SEQ}, {THREADS} threads, {args.steps} steps, seed {SEED}, "
-          f"{'cosine lr decay to lr/10' if DECAY else 'constant lr'}, slimtune runs with "
-          f"runtime.cpu_allocator={ALLOCATOR}\n")
-    print("| run | peak RSS (MB) | s/step | checkpoint (MB) | val loss | train loss first → last |")
-    print("|---|---:|---:|---:|---:|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['peak_mb']:.0f} | {r['s_per_step']:.2f} | {r['ckpt_mb']:.2f} | "
-              f"{r['val_loss']:.4f} | {r['losses'][0]} → {r['losses'][-1]} |")
-    for r in rows:
-        if "linear_4bit_mb" in r:
-            print(f"\n{r['run']}: frozen linear weights {r['linear_4bit_mb']:.1f} MB in 4-bit vs "
-                  f"{r['linear_fp32_mb']:.1f} MB in fp32 ({r['linear_4bit_mb'] / r['linear_fp32_mb']:.3f}x)")
+        for seed in seeds:
+            for name in runs:
+                row = done.get((name, seed))
+                if row is None:
+                    row = run_worker(name, seed, work, args)
+                    if row is None:
+                        continue
+                    row.update(seed=seed, protocol=proto)
+                    if results is not None:
+                        with results.open("a") as f:
+                            f.write(json.dumps(row) + "\n")
+                rows.append(row)
+                print(f"{name} seed {seed}: {row}", file=sys.stderr)
+    if len(seeds) == 1:
+        print_table(rows, args, seeds[0])
+    else:
+        print_seed_summary(rows, runs, seeds)
 
 
 if __name__ == "__main__":
