@@ -26,7 +26,7 @@ def bench(monkeypatch):
                 "losses": [4.5, loss]}
 
     monkeypatch.setattr(module, "run_worker", fake_worker)
-    monkeypatch.setattr(module, "write_data", lambda folder: None)
+    monkeypatch.setattr(module, "write_data", lambda folder, val_size=64: None)
     import slimtune.models.hf
 
     monkeypatch.setattr(slimtune.models.hf, "resolve_model", lambda name: None)
@@ -75,3 +75,30 @@ def test_a_broken_results_line_names_file_and_line(bench, tmp_path):
     results.write_text('{"run": "lora"}\n{not json\n')
     with pytest.raises(SystemExit, match=r"study.jsonl:2: not a JSON line"):
         bench.main(["--runs", "lora", "--seeds", "0-1", "--results", str(results)])
+
+
+def test_the_held_out_set_starts_with_the_64_conversations_of_earlier_tables(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_methods_data", ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir(), large.mkdir()
+    module.write_data(small, 64)
+    train, val = module.write_data(large, 1024)
+    assert not (small / "val64.jsonl").exists()
+    first = (large / "val64.jsonl").read_text()
+    assert first == (small / "val.jsonl").read_text()  # the earlier tables' set, the same conversations
+    assert val.read_text().startswith(first) and len(val.read_text().splitlines()) == 1024
+    assert train.read_text() == (small / "train.jsonl").read_text()
+    held_out = set(val.read_text().splitlines())
+    assert not held_out & set(train.read_text().splitlines())
+
+
+def test_only_a_non_default_held_out_size_enters_the_protocol(bench, tmp_path):
+    results = tmp_path / "study.jsonl"
+    bench.main(["--runs", "lora", "--seeds", "0-1", "--results", str(results), "--val-size", "64"])
+    bench.main(["--runs", "lora", "--seeds", "0-1", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert ["val" in r["protocol"] for r in rows] == [False, False, True, True]
+    assert rows[2]["protocol"]["val"] == 1024
+    assert bench.calls == [("lora", 0), ("lora", 1), ("lora", 0), ("lora", 1)]  # 64 and 1024 rows are not mixed
