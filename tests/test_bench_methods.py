@@ -12,11 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def bench(monkeypatch):
+def load_bench():
+    """benchmarks/methods.py as a module (it is a script, not a package)."""
     spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def bench(monkeypatch):
+    module = load_bench()
     calls = []
 
     def fake_worker(name, seed, work, args):
@@ -78,9 +84,7 @@ def test_a_broken_results_line_names_file_and_line(bench, tmp_path):
 
 
 def test_the_held_out_set_starts_with_the_64_conversations_of_earlier_tables(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_methods_data", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench()
     small, large = tmp_path / "small", tmp_path / "large"
     small.mkdir(), large.mkdir()
     module.write_data(small, 64)
