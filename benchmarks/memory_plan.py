@@ -98,10 +98,10 @@ def main() -> None:
                   f"{result['peak']['measured_peak_bytes'] / 2**20:.0f} MiB, ratio {result['peak']['ratio']:.3f} "
                   f"({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
             results.append(result)
-    from slimtune.hardware import cpu_model_name
+    from slimtune.host import cpu_class
 
     command = "python benchmarks/memory_plan.py " + " ".join(sys.argv[1:])
-    print(f"host: {cpu_model_name()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; `{command.strip()}`; "
+    print(f"host: {cpu_class()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; `{command.strip()}`; "
           f"model {args.model}, batch {args.batch} x {args.seq} tokens (packed), fp32, {args.steps} steps, "
           f"{args.threads} threads\n")
     print(table(results))

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimtune.hardware import cpu_model_name  # noqa: E402
+from slimtune.host import cpu_class  # noqa: E402
 from slimtune.parallel.partition import bubble_fraction, equal_layer_split, stage_costs  # noqa: E402
 from slimtune.parallel.pipeline import PipelineRunner, plan_partition  # noqa: E402
 from slimtune.parallel.profile import profile_units  # noqa: E402
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed pipelined / unsplit steps")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"host: {cpu_model_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; one torch thread per "
+    print(f"host: {cpu_class()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}; one torch thread per "
           f"process; batch {args.batch} in {MICROBATCHES} micro-batches; schedule 1f1b")
     print("| model | units | stages | planned max/mean | measured max/mean | measured/planned | equal-layer measured "
           "max/mean | bubble | pipelined steps/s | unsplit steps/s | speed-up |")

@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from slimtune.hardware import cpu_model_name  # noqa: E402
+from slimtune.host import cpu_class  # noqa: E402
 
 MODEL = "smollm2-135m"
 BLOCKS = 30  # SmolLM2-135M's transformer layers: BAdam's blocks
@@ -127,7 +127,7 @@ def main() -> None:
     only = [p for p in args.only.split(",") if p]
     load = os.getloadavg()
     gpu = f", CUDA {torch.cuda.get_device_name()}" if cuda else ""
-    print(f"host: {cpu_model_name()}, {os.cpu_count()} logical CPUs{gpu}; "
+    print(f"host: {cpu_class()}, {os.cpu_count()} logical CPUs{gpu}; "
           f"torch {torch.__version__}; load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(f"model {MODEL}; batch_size=1 per rank, dataset.max_seq_len={args.seq}, {args.steps} steps "
           f"(median s/step of steps 2..{args.steps}); OMP_NUM_THREADS=1, runtime.cpu_allocator={args.allocator}")

@@ -6,15 +6,13 @@ Nothing here assumes CUDA: every decision asks the device.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.host import cache_file, cpu_flags, cpu_identity, read_cache, write_cache
 from slimtune.kernels import onednn_available, onednn_nt
 
 
@@ -40,8 +38,6 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-CPUINFO = Path("/proc/cpuinfo")
-
 CPU_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 """x86 flags of bf16 instructions (AMX tiles; AVX-512 dot products). Without one, bf16 is emulated in fp32."""
 
@@ -53,29 +49,10 @@ lost precision."""
 BF16_PROBE_SIZE = 1024
 """Side of the square matmuls timed by `bf16_speedup` (large enough for the kernels' steady state)."""
 
-
-def _cpuinfo() -> dict[str, str]:
-    """The fields of the first processor in /proc/cpuinfo; empty where the file does not exist (macOS, Windows)."""
-    try:
-        text = CPUINFO.read_text(errors="replace")
-    except OSError:
-        return {}
-    fields = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            fields.setdefault(key.strip(), value.strip())
-    return fields
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (`avx2`, `avx512_bf16`, `amx_bf16`, ...); empty off Linux."""
-    return frozenset(_cpuinfo().get("flags", "").split())
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name (/proc/cpuinfo `model name`, else what the platform module reports)."""
-    return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown cpu"
+BF16_SPEEDUP_ENV = "SLIMTUNE_BF16_SPEEDUP"
+"""Environment variable that replaces the bf16 probe's measurement by a given ratio, on any CPU: 1 makes
+`precision=auto` fp32, 2 makes it bf16 autocast. The test suite sets it so that `auto` means the same on every host
+(and forces each branch where it tests one); a user can pin `auto`'s verdict with it across hosts."""
 
 
 def _matmul_seconds(dtype: torch.dtype, size: int, repeats: int = 4, max_seconds: float = 0.5) -> float:
@@ -98,33 +75,54 @@ def _matmul_seconds(dtype: torch.dtype, size: int, repeats: int = 4, max_seconds
     return best
 
 
+def forced_bf16_speedup() -> float | None:
+    """The ratio `SLIMTUNE_BF16_SPEEDUP` sets (see `BF16_SPEEDUP_ENV`), or None where it is unset or empty."""
+    value = os.environ.get(BF16_SPEEDUP_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = float("nan")
+    if not ratio > 0:
+        raise SlimtuneError(f"{BF16_SPEEDUP_ENV}={value!r} is not a positive number: set it to the bf16/fp32 matmul "
+                            f"speed ratio to assume (1 for fp32, 2 for bf16 under precision=auto), or unset it")
+    return ratio
+
+
 def bf16_speedup(device: torch.device, use_cache: bool = True) -> float | None:
     """How many times faster a bf16 matmul runs than an fp32 one on this CPU (fp32 seconds / bf16 seconds).
 
-    None where nothing is measured: on GPUs and MPS (they report bf16 support themselves) and on CPUs without bf16
-    instructions (`CPU_BF16_FLAGS`), where bf16 is emulated. Otherwise a `BF16_PROBE_SIZE` square matmul is
-    timed in each dtype (best of up to 4 runs, no more runs after half a second) and the ratio is cached per CPU
-    model and torch version in $SLIMTUNE_CACHE, next to the `matmul_peak_flops` cache.
+    `SLIMTUNE_BF16_SPEEDUP`, where set, is the answer on any CPU (nothing is measured). Otherwise None where nothing
+    is measured: on GPUs and MPS (they report bf16 support themselves) and on CPUs without bf16 instructions
+    (`CPU_BF16_FLAGS`), where bf16 is emulated. Otherwise a `BF16_PROBE_SIZE` square matmul is timed in each dtype
+    (best of up to 4 runs, no more runs after half a second) and the ratio is cached per CPU class
+    (`slimtune.host.cpu_identity`) and torch version in $SLIMTUNE_CACHE, next to the `matmul_peak_flops` cache.
     """
-    if device.type != "cpu" or not cpu_flags() & CPU_BF16_FLAGS:
+    if device.type != "cpu":
         return None
-    key = f"{cpu_model_name()}|torch={torch.__version__}|size={BF16_PROBE_SIZE}"
-    cache = _cache_file("bf16_speedup.json")
+    forced = forced_bf16_speedup()
+    if forced is not None:
+        return forced
+    if not cpu_flags() & CPU_BF16_FLAGS:
+        return None
+    key = f"{cpu_identity()}|torch={torch.__version__}|size={BF16_PROBE_SIZE}"
+    cache = cache_file("bf16_speedup.json")
     if use_cache:
-        cached = _read_cache(cache)
+        cached = read_cache(cache)
         if key in cached:
             return float(cached[key])
     speedup = (_matmul_seconds(torch.float32, BF16_PROBE_SIZE)
                / _matmul_seconds(torch.bfloat16, BF16_PROBE_SIZE))
     if use_cache:
-        _write_cache(cache, key, speedup)
+        write_cache(cache, key, speedup)
     return speedup
 
 
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 matmuls run in hardware and pay off: Ampere+ GPUs, Apple silicon, and CPUs that both have
     bf16 instructions (AMX or AVX-512 BF16) and, measured, run a bf16 matmul at least `BF16_MIN_SPEEDUP` times
-    faster than fp32 (see `bf16_speedup`; measured once per CPU model, then cached)."""
+    faster than fp32 (see `bf16_speedup`; measured once per CPU class, then cached)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "mps":
@@ -145,6 +143,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+DTYPE_WORDS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def describe_precision(setting: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What a run computes in and why, for its first lines: `precision=auto`'s choice is a trade (on CPUs with bf16
+    instructions, speed for memory: autocast keeps a bf16 copy of every fp32 weight a backward needs)."""
+    name = "fp32" if dtype == torch.float32 else f"{DTYPE_WORDS.get(dtype, str(dtype))} autocast"
+    if setting != "auto":
+        return f"{name} (runtime.precision={setting})"
+    if device.type != "cpu":
+        return f"{name} (runtime.precision=auto)"
+    speedup = bf16_speedup(device)
+    forced = f", {BF16_SPEEDUP_ENV} set" if forced_bf16_speedup() is not None else ""
+    if speedup is None:
+        return "fp32 (runtime.precision=auto: this CPU has no bf16 instructions)"
+    if dtype == torch.float32:
+        return f"fp32 (runtime.precision=auto: a bf16 matmul runs only {speedup:.2f}x fp32's here{forced})"
+    return (f"bf16 autocast (runtime.precision=auto: a bf16 matmul runs {speedup:.2f}x fp32's here{forced}; fp32 "
+            f"weights are cast for each product and the copies kept for backward: runtime.precision=fp32 for the "
+            f"lower peak)")
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     """An autocast context for low-precision compute, or a no-op for fp32."""
     if dtype == torch.float32:
@@ -159,47 +179,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _cache_file(name: str) -> Path:
-    """A file in slimtune's cache folder: $SLIMTUNE_CACHE, else ~/.cache/slimtune."""
-    root = Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
-    return root / name
-
-
-def _read_cache(cache: Path) -> dict:
-    """The measurements stored in `cache`; empty when it is missing or unreadable (they are measured again)."""
-    if not cache.is_file():
-        return {}
-    try:
-        return json.loads(cache.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_cache(cache: Path, key: str, value) -> None:
-    """Store one measurement in `cache`, keeping the others; atomic, so concurrent runs never see half a file."""
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cached = _read_cache(cache)
-        cached[key] = value
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
-
-
 PEAK_SIZES = (256, 512, 1024, 2048)
 
 
 def _peak_key(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...]) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_identity()
     return f"{name}|{dtype}|threads={torch.get_num_threads()}|sizes={','.join(map(str, sizes))}|kernels=aten,onednn"
 
 
 def known_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> float | None:
     """The peak `matmul_peak_flops` measured earlier on this machine (`slimtune bench` measures it), or None:
     training runs report MFU only against a peak already known, and never spend their own time measuring one."""
-    value = _read_cache(_cache_file("matmul_peak.json")).get(_peak_key(device, dtype, PEAK_SIZES))
+    value = read_cache(cache_file("matmul_peak.json")).get(_peak_key(device, dtype, PEAK_SIZES))
     return float(value) if value is not None else None
 
 
@@ -215,9 +206,9 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
     about `seconds` per size.
     """
     key = _peak_key(device, dtype, sizes)
-    cache = _cache_file("matmul_peak.json")
+    cache = cache_file("matmul_peak.json")
     if use_cache:
-        cached = _read_cache(cache)
+        cached = read_cache(cache)
         if key in cached:
             return float(cached[key])
     peak = 0.0
@@ -242,5 +233,5 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
                 best = min(best, time.perf_counter() - t0)
             peak = max(peak, 2 * size**3 / best)
     if use_cache:
-        _write_cache(cache, key, peak)
+        write_cache(cache, key, peak)
     return peak

@@ -12,16 +12,14 @@ runs the plain `F.linear`, so a patched model stays correct everywhere.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from slimtune.errors import SlimtuneError
+from slimtune.host import cache_file, cpu_identity, read_cache, write_cache
 
 MATMUL_CHOICES = ("auto", "onednn", "aten")
 
@@ -105,17 +103,6 @@ def use_onednn_linear(model: nn.Module) -> int:
     return n
 
 
-def _cache_file() -> Path:
-    root = Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
-    return root / "matmul_backend.json"
-
-
-def _cpu_name() -> str:
-    from slimtune.hardware import cpu_model_name  # hardware imports this module: import at call time
-
-    return cpu_model_name()
-
-
 def _best_seconds(fn, seconds: float) -> float:
     fn()  # warm up (oneDNN builds its kernel for the shape on first use)
     best, deadline = float("inf"), time.perf_counter() + seconds
@@ -140,7 +127,7 @@ def time_backends(shape: tuple[int, int, int] = (512, 576, 1536), seconds: float
 def choose_matmul(setting: str, device: torch.device, compile: bool = False, use_cache: bool = True,
                   threads: int | None = None) -> str:
     """The backend for nn.Linear: `aten` or `onednn`. `auto` picks oneDNN on a CPU where it is at least 10 %
-    faster than torch's default, measured once per (CPU model, thread count) and cached. `threads`: how many
+    faster than torch's default, measured once per (CPU class, thread count) and cached. `threads`: how many
     threads each product will run on (default: torch's current setting; 1 under cpu_shards). torch.compile
     (inductor) cannot lower the oneDNN linear, so a compiled model keeps aten's."""
     if setting not in MATMUL_CHOICES:
@@ -158,14 +145,9 @@ def choose_matmul(setting: str, device: torch.device, compile: bool = False, use
         return "aten"
     main_threads = torch.get_num_threads()
     threads = threads or main_threads
-    key = f"{_cpu_name()}|threads={threads}"
-    cache = _cache_file()
-    cached: dict = {}
-    if use_cache and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            cached = {}
+    key = f"{cpu_identity()}|threads={threads}"
+    cache = cache_file("matmul_backend.json")
+    cached = read_cache(cache) if use_cache else {}
     if key not in cached:
         if threads != main_threads:
             torch.set_num_threads(threads)
@@ -175,12 +157,6 @@ def choose_matmul(setting: str, device: torch.device, compile: bool = False, use
             if threads != main_threads:
                 torch.set_num_threads(main_threads)
         if use_cache:
-            try:
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(cached, indent=1))
-                tmp.replace(cache)
-            except OSError:
-                pass  # a read-only home only costs a re-measurement next time
+            write_cache(cache, key, cached[key])
     times = cached[key]
     return "onednn" if "onednn" in times and times["onednn"] * 1.1 <= times["aten"] else "aten"

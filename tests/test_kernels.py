@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from slimtune import kernels
 from slimtune.config import TrainConfig, make_config
 from slimtune.errors import SlimtuneError
+from slimtune.host import cpu_identity
 from slimtune.kernels import OneDNNLinear, choose_matmul, onednn_available, onednn_linear, use_onednn_linear
 from slimtune.models.gpt import GPT, GPTConfig
 
@@ -119,7 +120,7 @@ def test_choose_matmul_settings_and_errors():
 @pytest.mark.parametrize("onednn_s, aten_s, expected", [(1.0, 2.0, "onednn"), (1.0, 1.05, "aten"), (2.0, 1.0, "aten")])
 def test_auto_picks_the_measured_faster_kernel(tmp_path, monkeypatch, onednn_s, aten_s, expected):
     monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
-    key = f"{kernels._cpu_name()}|threads={torch.get_num_threads()}"
+    key = f"{cpu_identity()}|threads={torch.get_num_threads()}"
     (tmp_path / "matmul_backend.json").write_text(json.dumps({key: {"aten": aten_s, "onednn": onednn_s}}))
     assert choose_matmul("auto", torch.device("cpu")) == expected  # oneDNN only when >= 10 % faster
 

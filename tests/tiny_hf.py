@@ -68,11 +68,11 @@ def tiny_tokenizer(chat_template: str | None = CHATML, vocab_size: int = 300, pa
     return hf_tok
 
 
-def tiny_llama(tokenizer, seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
-    """A 2-layer random Llama over `tokenizer`'s vocabulary, fp32, eval mode."""
+def tiny_llama(tokenizer, seed: int = 0, tie: bool = True, hidden_size: int = 32) -> LlamaForCausalLM:
+    """A 2-layer random Llama over `tokenizer`'s vocabulary (MLP twice as wide as `hidden_size`), fp32, eval mode."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()
@@ -86,10 +86,10 @@ def tiny_bert(tokenizer, num_labels: int = 2, seed: int = 0) -> BertForSequenceC
     return BertForSequenceClassification(config).eval()
 
 
-def save_tiny_llama(folder: Path, chat_template: str | None = CHATML, seed: int = 0) -> Path:
+def save_tiny_llama(folder: Path, chat_template: str | None = CHATML, seed: int = 0, hidden_size: int = 32) -> Path:
     """Write a tiny Llama + tokenizer as a Hugging Face folder; returns the folder."""
     tokenizer = tiny_tokenizer(chat_template)
-    model = tiny_llama(tokenizer, seed)
+    model = tiny_llama(tokenizer, seed, hidden_size=hidden_size)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

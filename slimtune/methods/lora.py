@@ -341,9 +341,9 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The weight of a linear layer in fp32, dequantizing a bitsandbytes 4-bit one."""
     weight = module.weight
     if getattr(weight, "quant_state", None) is not None:
-        import bitsandbytes.functional as bnbf
+        from slimtune.quant.bnb4 import dequantize
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        return dequantize(weight.data, weight.quant_state).float()
     if hasattr(weight, "quantized_data"):
         return weight.get_original_weight().float()
     return weight.detach().float()

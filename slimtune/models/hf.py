@@ -313,6 +313,7 @@ def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
     """
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path, trust_remote_code)
+    from slimtune.quant.bnb4 import use_workspace_4bit_if_any
     from slimtune.quant.load import load_quantized_causal_lm, quantized_format
 
     if quantized_format(path) is not None:  # `slimtune quantize` output or a packed BitNet export
@@ -329,6 +330,7 @@ def load_causal_lm(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
         raise SlimtuneError(f"cannot load a causal language model from {path}: {exc}") from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    use_workspace_4bit_if_any(model)  # bitsandbytes' own CPU products are wrong or fail for some shapes (bnb4)
     return model.eval(), tokenizer
 
 
@@ -359,6 +361,9 @@ def load_sequence_classifier(name_or_path: str | Path, num_labels: int, label_na
     # Decoder classifiers pool the last non-pad token, which they find through pad_token_id.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    from slimtune.quant.bnb4 import use_workspace_4bit_if_any
+
+    use_workspace_4bit_if_any(model)
     return model.eval(), tokenizer
 
 

@@ -148,6 +148,10 @@ class ActivationOptions:
     """The loss upcasts the logits to fp32 first (Hugging Face models do); otherwise it works in `act_dtype`."""
     device: str = "cuda"
     """Device kind (``cuda``, ``cpu``, ``mps``): decides whether a dropout mask is 1 byte (CUDA) or a bytes."""
+    weight_dtype: str | None = None
+    """Storage dtype of the block weights. Where it is wider than `act_dtype` (fp32 weights under bf16 autocast),
+    each linear's product casts its weight, and the matmul keeps that copy for its input's gradient: a·in·out bytes
+    per linear of every layer backward runs through (one block's with checkpointing). None: as `act_dtype`."""
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -157,6 +161,8 @@ class ActivationOptions:
         if self.trainable_layers is not None:
             object.__setattr__(self, "trainable_layers", tuple(self.trainable_layers))
         dtype_bytes(self.act_dtype)
+        if self.weight_dtype is not None:
+            dtype_bytes(self.weight_dtype)
 
     @property
     def full(self) -> bool:
@@ -201,12 +207,15 @@ def _adapter_tensors(lin: Linear, lora: LoraAdapters, tokens: int, act_bytes: in
 def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str = "bf16",
                         weights_trainable: bool = True, input_requires_grad: bool = True,
                         lora: LoraAdapters | None = None, quantized_base: bool = False, attention: str = "flash",
-                        device: str = "cuda", layer: int | None = None) -> list[SavedTensor]:
+                        device: str = "cuda", layer: int | None = None,
+                        weight_copies: bool = False) -> list[SavedTensor]:
     """Tensors one transformer block keeps for backward, for a (batch, seq) micro-batch (see the module docstring).
 
     ``weights_trainable``: the block's own weights train (full fine-tuning, BAdam's active block). False: frozen,
     but a gradient still flows through it (LoRA's base, BAdam's blocks above the active one).
     ``input_requires_grad``: something below the block trains, so it must pass a gradient to its input.
+    ``weight_copies``: autocast casts each (wider) weight for its product, and a linear whose input needs a gradient
+    keeps the cast copy (see `ActivationOptions.weight_dtype`).
     """
     a = dtype_bytes(act_dtype)
     mask_a = _mask_bytes(device, a)
@@ -237,6 +246,12 @@ def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str
             if lin.name in adapted:
                 saved.extend(_adapter_tensors(lin, lora, tokens, a, grad_flows, device, layer))
 
+    def weight_copy(source: str, input_grad: bool) -> None:
+        if weight_copies and input_grad:
+            for lin in reading(source):
+                saved.append(SavedTensor(f"{lin.name}.weight_{act_dtype}", a * lin.in_features * lin.out_features,
+                                         layer))
+
     def norm(prefix: str, grad_flows: bool) -> None:
         if spec.norm == "rmsnorm":
             if grad_flows:
@@ -253,6 +268,7 @@ def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str
     if input_kept_by_linear("attn_in"):
         keep("attn_norm.output", a * h)
     adapters("attn_in", input_requires_grad or weights_trainable)
+    weight_copy("attn_in", input_requires_grad or weights_trainable)
     qkv_flows = input_requires_grad or weights_trainable or any_adapted("attn_in")
     if qkv_flows:
         # Eager attention repeats grouped k/v heads to all query heads before its matmuls; SDPA does not.
@@ -276,6 +292,7 @@ def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str
     if attention != "flash" and input_kept_by_linear("attn_out"):
         keep("attn.output", a * spec.q_dim)
     adapters("attn_out", qkv_flows)
+    weight_copy("attn_out", qkv_flows)
     attn_branch_flows = qkv_flows or any_adapted("attn_out")
     if spec.hidden_dropout > 0 and attn_branch_flows:
         keep("attn.resid_dropout_mask", mask_a * h)
@@ -286,6 +303,7 @@ def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str
     if input_kept_by_linear("mlp_in"):
         keep("mlp_norm.output", a * h)
     adapters("mlp_in", residual_flows)
+    weight_copy("mlp_in", residual_flows or weights_trainable)
     mlp_flows = residual_flows or weights_trainable or any_adapted("mlp_in")
     if mlp_flows:
         if spec.mlp == "swiglu":
@@ -297,6 +315,7 @@ def layer_saved_tensors(spec: ModelSpec, batch: int, seq: int, *, act_dtype: str
     if input_kept_by_linear("mlp_act"):
         keep("mlp.hidden", a * i)
     adapters("mlp_act", mlp_flows)
+    weight_copy("mlp_act", mlp_flows)
     if spec.hidden_dropout > 0 and (mlp_flows or any_adapted("mlp_act")):
         keep("mlp.resid_dropout_mask", mask_a * h)
     return saved
@@ -358,11 +377,13 @@ def _estimate(spec: ModelSpec, batch: int, seq: int, opts: ActivationOptions, la
         if nbytes > 0:
             est.items.append(SavedTensor(name, nbytes))
 
+    copies = (opts.weight_dtype is not None and dtype_bytes(opts.weight_dtype) > a and not opts.quantized_base)
+
     def block(k: int) -> list[SavedTensor]:
         return layer_saved_tensors(spec, batch, seq, act_dtype=opts.act_dtype, weights_trainable=k in trainable,
                                    input_requires_grad=k > start or embedding_trains, lora=opts.lora,
                                    quantized_base=opts.quantized_base, attention=opts.attention,
-                                   device=opts.device, layer=k)
+                                   device=opts.device, layer=k, weight_copies=copies)
 
     if first:
         if embedding_trains:

@@ -77,4 +77,5 @@ class RunSettings:
         """Keyword options for `activation_bytes`: these settings plus what the method decides (which layers train,
         LoRA adapters, a quantized base)."""
         return dict(act_dtype=self.act_dtype, checkpointing=self.checkpointing, attention=self.attention,
-                    loss_chunk=self.loss_chunk, logits_fp32=self.logits_fp32, device=self.device, **method_options)
+                    loss_chunk=self.loss_chunk, logits_fp32=self.logits_fp32, device=self.device,
+                    weight_dtype=self.weight_dtype, **method_options)

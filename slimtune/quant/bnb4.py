@@ -10,11 +10,24 @@ product, 1547 / 1527 / 1554 MB with this one (with the LoRA layers' defensive ou
 `Workspace4bit.fresh_output`); the full comparison is docs/BENCHMARKS.md section 8.
 
 `Workspace4bit` is bitsandbytes' `Linear4bit` (same parameters, state dict and quantization state; peft's LoRA wraps
-it as it wraps the original) whose forward, for fp32 products on CPU, decodes into the calling thread's buffer. The
-decoding follows bitsandbytes' format: two 4-bit indices per byte, high half first, looked up in the quantization's
-16-entry code book and multiplied by their block's scale (double-quantized scales are decoded by bitsandbytes
-itself); the result equals `bitsandbytes.functional.dequantize_4bit` bit for bit (tests/quant/test_bnb4.py). Other
-cases (a bf16 compute dtype, a trainable bias, another device) run bitsandbytes' own forward.
+it as it wraps the original) whose forward, for CPU products in fp32 or bf16 (autocast included), decodes into the
+calling thread's buffer. The decoding follows bitsandbytes' format: two 4-bit indices per byte, high half first,
+looked up in the quantization's 16-entry code book and multiplied by the scale of their block of the flattened weight
+(double-quantized scales are decoded by bitsandbytes itself); where bitsandbytes decodes correctly, the result equals
+`bitsandbytes.functional.dequantize_4bit` bit for bit (tests/quant/test_bnb4.py).
+
+Two bitsandbytes CPU paths are wrong for some shapes on CPUs with AVX-512, and slimtune keeps both out of reach
+on every host:
+- its native decoder's AVX-512 branch reads one scale per (row, block of the row): right where every row is a
+  whole number of blocks, wrong where a row is narrower than a block or ends mid-block (`in_features % blocksize`
+  != 0), where blocks run across rows. slimtune calls the native decoder only where rows are whole blocks and
+  decodes the other shapes with torch operations, identically on every host.
+- on CPUs with AVX-512 BF16, `Linear4bit.forward` without grad (evaluation, generation) converts the weight in place
+  to a packed layout for an inference kernel, which fails for layers whose `out_features` is not a multiple of 32
+  or that are narrower than a block (`shape '[32, 0]' is invalid`), and then multiplies in bf16 whatever the
+  compute dtype. `use_workspace_4bit` turns that conversion off (`support_avx512bf16_for_cpu = False`), and every
+  product slimtune's runs make goes through the workspace anyway.
+Other cases (a trainable bias, fp16, another device) run bitsandbytes' own forward.
 """
 
 from __future__ import annotations
@@ -27,6 +40,9 @@ import torch.nn.functional as F
 
 _local = threading.local()
 
+PRODUCT_DTYPES = (torch.float32, torch.bfloat16)
+"""Input, compute and stored dtypes whose CPU products `Workspace4bit` runs itself."""
+
 
 def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     """This thread's buffer `name`, at least `numel` long (grown, never shrunk), as its first `numel` elements."""
@@ -37,10 +53,14 @@ def _buffer(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
+BUFFERS = ("indices", "weight", "stored", "lowp")
+"""This module's per-thread buffers: 4-bit indices, the fp32 decode, and its copies in the stored and compute dtype
+(the last two only for bf16 models or bf16 products)."""
+
+
 def workspace_bytes() -> int:
     """Bytes of the calling thread's buffers (0 before its first product)."""
-    return sum(b.numel() * b.element_size() for b in (getattr(_local, n, None) for n in ("indices", "weight"))
-               if b is not None)
+    return sum(b.numel() * b.element_size() for b in (getattr(_local, n, None) for n in BUFFERS) if b is not None)
 
 
 def _native_decoder(quant_type: str):
@@ -53,12 +73,20 @@ def _native_decoder(quant_type: str):
     return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_fp32", None)
 
 
+def native_decoding_is_exact(shape: tuple[int, int], blocksize: int) -> bool:
+    """Whether bitsandbytes' native CPU decoder gives the format's values for a weight of this shape on every CPU:
+    its AVX-512 branch reads one scale per (row, block of the row), which is the format's scale only where each row
+    is a whole number of blocks. (Blocks of 2048 and more bitsandbytes itself decodes in torch: its vector code
+    errs there.)"""
+    return shape[-1] % blocksize == 0 and blocksize < 2048
+
+
 def dequantize_into_workspace(packed: torch.Tensor, state, native: bool = True) -> torch.Tensor:
     """The fp32 weight that `packed` (a bitsandbytes 4-bit weight's bytes) and its `QuantState` encode, written
     into this thread's buffer: valid until the thread's next call, so use it at once and keep no reference.
 
-    Decoded by bitsandbytes' native CPU routine where it has one (and `native`), else by torch operations on the
-    same format."""
+    Decoded by bitsandbytes' native CPU routine where it has one, `native` is set and it is exact for the shape
+    (`native_decoding_is_exact`), else by torch operations on the same format, which take any shape."""
     import bitsandbytes.functional as bnbf
 
     rows, cols = state.shape
@@ -69,35 +97,65 @@ def dequantize_into_workspace(packed: torch.Tensor, state, native: bool = True) 
     if state.nested:  # the block scales are themselves 8-bit blocks around an offset
         scales = bnbf.dequantize_blockwise(state.absmax, state.state2)
         scales += state.offset
-    decode = _native_decoder(state.quant_type) if native and state.blocksize < 2048 else None
-    if decode is not None:  # (bitsandbytes itself decodes blocks of 2048 and more in torch: its vector code errs)
+    exact = native and native_decoding_is_exact((rows, cols), state.blocksize)
+    decode = _native_decoder(state.quant_type) if exact else None
+    if decode is not None:
         import ctypes
 
         scales = scales.float().contiguous()
         decode(bnbf.get_ptr(halves), bnbf.get_ptr(scales), bnbf.get_ptr(weight), ctypes.c_longlong(state.blocksize),
                ctypes.c_longlong(rows), ctypes.c_longlong(cols))
         return weight.view(rows, cols)
-    indices = _buffer("indices", n, torch.int32)
+    indices = _buffer("indices", 2 * halves.numel(), torch.int32)  # an odd count leaves half of the last byte unused
     torch.bitwise_right_shift(halves, 4, out=indices[0::2])
     torch.bitwise_and(halves, 0xF, out=indices[1::2])
-    torch.index_select(state.code, 0, indices, out=weight)
-    weight.view(-1, state.blocksize).mul_(scales.view(-1, 1))
+    torch.index_select(state.code, 0, indices[:n], out=weight)
+    whole = n - n % state.blocksize
+    weight[:whole].view(-1, state.blocksize).mul_(scales[:whole // state.blocksize].view(-1, 1))
+    if whole < n:  # the last block is shorter
+        weight[whole:].mul_(scales[whole // state.blocksize])
     return weight.view(rows, cols)
 
 
+def dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """The weight `packed` and its `QuantState` encode, as a new tensor in the dtype it was quantized from (what
+    `bitsandbytes.functional.dequantize_4bit` returns where it is right, and the format's values on every CPU)."""
+    return dequantize_into_workspace(packed, state).to(state.dtype, copy=True)
+
+
+def _weight_in(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """The decoded weight in the product's `dtype`, in this thread's buffers. A weight quantized from bf16 is rounded
+    to bf16 first, as bitsandbytes' decoding to the stored dtype does."""
+    weight = dequantize_into_workspace(packed, state)
+    if state.dtype != torch.float32:
+        stored = _buffer("stored", weight.numel(), state.dtype).view_as(weight).copy_(weight)
+        if dtype == state.dtype:
+            return stored
+        weight.copy_(stored)
+    if dtype == torch.float32:
+        return weight
+    return _buffer("lowp", weight.numel(), dtype).view_as(weight).copy_(weight)
+
+
 class _WorkspaceMatmul(torch.autograd.Function):
-    """x @ W.T for a frozen 4-bit W, decoded into the workspace in the forward and again in the backward; nothing
-    weight-sized is kept between them."""
+    """x @ W.T for a frozen 4-bit W, in `dtype`, decoded into the workspace in the forward and again in the
+    backward; nothing weight-sized is kept between them. Autocast is off inside: `dtype` already says what it
+    would have chosen, and its own cast of the weight would allocate a weight-sized tensor per product."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.packed, ctx.state = packed, state  # a frozen parameter and its scales: no version to check
-        return F.linear(x, dequantize_into_workspace(packed, state), bias)
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.packed, ctx.state, ctx.dtype = packed, state, dtype  # a frozen parameter and its scales
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.to(dtype), _weight_in(packed, state, dtype), None if bias is None else bias.to(dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ dequantize_into_workspace(ctx.packed, ctx.state) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        with torch.autocast("cpu", enabled=False):
+            grad_x = grad.to(ctx.dtype) @ _weight_in(ctx.packed, ctx.state, ctx.dtype)
+        return grad_x, None, None, None, None  # autograd casts grad_x to x's dtype where they differ
 
 
 def _linear4bit_class() -> type:
@@ -118,12 +176,11 @@ def workspace_class() -> type:
         def uses_workspace(self, x: torch.Tensor) -> bool:
             """Whether the product with `x` runs here (else bitsandbytes' forward runs)."""
             state = self.weight.quant_state
-            if state is None or x.device.type != "cpu" or x.dtype != torch.float32:
+            if state is None or x.device.type != "cpu" or self.weight.device.type != "cpu":
                 return False
-            rows, cols = state.shape
-            return (self.compute_dtype in (None, torch.float32) and state.dtype == torch.float32
-                    and self.weight.device.type == "cpu" and cols % 2 == 0 and (rows * cols) % state.blocksize == 0
-                    and (self.bias is None or (not self.bias.requires_grad and self.bias.dtype == torch.float32)))
+            return (x.dtype in PRODUCT_DTYPES and self.compute_dtype in (None, *PRODUCT_DTYPES)
+                    and state.dtype in PRODUCT_DTYPES and not getattr(state, "packing_format_for_cpu", False)
+                    and (self.bias is None or not self.bias.requires_grad))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
@@ -131,7 +188,16 @@ def workspace_class() -> type:
             fix_4bit_weight_quant_state_from_module(self)
             if not uses_workspace(self, x):
                 return base.forward(self, x)
-            return _WorkspaceMatmul.apply(x, self.weight.data, self.weight.quant_state, self.bias)
+            # As bitsandbytes' forward: inputs cast to the compute dtype, the output back to the input's dtype.
+            if not self.compute_type_is_set:
+                self.set_compute_type(x)
+                self.compute_type_is_set = True
+            inp_dtype = x.dtype
+            if self.compute_dtype is not None:
+                x = x.to(self.compute_dtype)
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            out = _WorkspaceMatmul.apply(x, self.weight.data, self.weight.quant_state, self.bias, dtype)
+            return out.to(inp_dtype)
 
         def fresh_output(self, x: torch.Tensor) -> bool:
             """Whether the output for `x` is a new tensor nothing else holds (so a LoRA layer may add into it
@@ -140,18 +206,28 @@ def workspace_class() -> type:
 
         _CLASS = type("Workspace4bit", (base,), {
             "forward": forward, "uses_workspace": uses_workspace, "fresh_output": fresh_output,
-            "__module__": __name__, "__doc__": "bitsandbytes' Linear4bit whose fp32 CPU products decode the weight "
-                                               "into a per-thread buffer (`dequantize_into_workspace`)."})
+            "__module__": __name__, "__doc__": "bitsandbytes' Linear4bit whose CPU products decode the weight into a "
+                                               "per-thread buffer (`dequantize_into_workspace`)."})
     return _CLASS
 
 
 def use_workspace_4bit(model: nn.Module) -> int:
     """Switch every bitsandbytes `Linear4bit` of `model` to `Workspace4bit` (its class only: parameters, state dict
-    and isinstance checks stay as they were); returns how many were switched."""
+    and isinstance checks stay as they were), with bitsandbytes' in-place conversion to its AVX-512 BF16 inference
+    layout turned off (see the module's docstring); returns how many were switched."""
     base, cls = _linear4bit_class(), workspace_class()
     n = 0
     for module in model.modules():
         if type(module) is base:
             module.__class__ = cls
+            module.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+def use_workspace_4bit_if_any(model: nn.Module) -> int:
+    """`use_workspace_4bit` for a model loaded from any folder (a bitsandbytes-quantized export, say): a no-op,
+    without importing bitsandbytes, for a model that cannot hold its layers."""
+    import sys
+
+    return use_workspace_4bit(model) if "bitsandbytes" in sys.modules else 0

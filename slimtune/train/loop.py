@@ -25,7 +25,7 @@ from slimtune.backends import cpu as cpu_backend
 from slimtune import methods
 from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
-from slimtune.hardware import known_matmul_peak, pick_device, resolve_precision
+from slimtune.hardware import describe_precision, known_matmul_peak, pick_device, resolve_precision
 from slimtune.memory import format_bytes, peak_memory_bytes
 from slimtune.methods.base import OptimizerContext
 from slimtune.models.build import build_model
@@ -183,7 +183,8 @@ def setup(cfg: TrainConfig) -> Run:
         for warning in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters, run.decay_iters()):
             run.say(f"warning: {warning}")
     run.say(f"model: {built.description}; {workload.describe()} | {method.describe(model, optimizer)} | "
-            f"strategy {strategy.name}: {strategy.describe()} | device {device} {precision.name}"
+            f"strategy {strategy.name}: {strategy.describe()} | device {device}, "
+            f"{describe_precision(cfg.runtime.precision, device, precision.dtype)}"
             f"{' | ' + backend if backend else ''} | "
             f"{cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size} sequences/step")
     return run

@@ -87,7 +87,8 @@ def write_ragged_chats(folder: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_whole_batch(char_data, tmp_path):
-    common = [f"data={char_data}", *TINY, "max_iters=6", "eval.interval=3", "log.interval=1", "runtime.threads=1"]
+    common = [f"data={char_data}", *TINY, "max_iters=6", "eval.interval=3", "log.interval=1", "runtime.threads=1",
+              "runtime.precision=fp32"]
     log = torchrun(*common, f"out_dir={tmp_path / 'ddp'}", "batch_size=2")
     assert cli.main(["train", *common, f"out_dir={tmp_path / 'one'}", "batch_size=4", "strategy=single"]) == 0
 
@@ -118,7 +119,7 @@ def test_ddp_fine_tune_weighs_tokens_and_evaluates_like_one_process(tmp_path):
     train, val = write_ragged_chats(tmp_path)
     common = [f"model={llama}", f"data={train}", f"dataset.val_data={val}", "max_iters=3", "eval.interval=3",
               "eval.iters=1", "log.interval=1", "log.progress=false", "log.plot=false", "optim.warmup_iters=0",
-              "runtime.threads=1", "dataset.max_seq_len=64"]
+              "runtime.threads=1", "runtime.precision=fp32", "dataset.max_seq_len=64"]
     torchrun(*common, f"out_dir={tmp_path / 'ddp'}", "batch_size=2")
     assert cli.main(["train", *common, f"out_dir={tmp_path / 'one'}", "batch_size=4", "strategy=single",
                      "eval.iters=2"]) == 0

@@ -164,7 +164,7 @@ def test_memory_per_device_follows_zero_and_the_badam_rule():
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_full_equals_one_process_and_resumes_exactly(stage, char_data, tmp_path):
     common = [f"data={char_data}", *TINY, "max_iters=4", "eval.interval=2", "log.interval=1", "runtime.threads=1",
-              "optim.grad_accum=2"]
+              "runtime.precision=fp32", "optim.grad_accum=2"]
     out = tmp_path / "ds"
     log = torchrun(*common, f"out_dir={out}", "batch_size=2", *zero_args(stage, tmp_path))
     assert cli.main(["train", *common, f"out_dir={tmp_path / 'one'}", "batch_size=4", "strategy=single"]) == 0
@@ -202,7 +202,8 @@ def test_badam_under_zero3_trains_only_the_active_block_and_resumes_exactly(llam
     common = [f"model={llama_dir}", f"data={chat_file}", f"dataset.val_data={val}", "method=badam",
               "badam.switch_every=2", "badam.switch_mode=ascending", "max_iters=4", "eval.interval=2", "eval.iters=1",
               "log.interval=1", "log.progress=false", "log.plot=false", "optim.warmup_iters=0", "runtime.threads=1",
-              "dataset.max_seq_len=64", "batch_size=2", "hf.weights_dtype=bf16", *zero_args(3, tmp_path)]
+              "runtime.precision=fp32", "dataset.max_seq_len=64", "batch_size=2", "hf.weights_dtype=bf16",
+              *zero_args(3, tmp_path)]
     out = tmp_path / "ds"
     log = torchrun(*common, f"out_dir={out}")
     assert "BAdam trains block model.layers.0." in log and "BAdam trains block model.layers.1." in log
@@ -237,7 +238,7 @@ def test_badam_under_zero3_trains_only_the_active_block_and_resumes_exactly(llam
 def test_lora_under_zero3_equals_one_process(llama_dir, chat_file, tmp_path):
     common = [f"model={llama_dir}", f"data={chat_file}", "method=lora", "max_iters=3", "eval.interval=3",
               "eval.iters=1", "log.interval=1", "log.progress=false", "log.plot=false", "optim.warmup_iters=0",
-              "runtime.threads=1", "dataset.max_seq_len=64"]
+              "runtime.threads=1", "runtime.precision=fp32", "dataset.max_seq_len=64"]
     torchrun(*common, f"out_dir={tmp_path / 'ds'}", "batch_size=2", *zero_args(3, tmp_path))
     assert cli.main(["train", *common, f"out_dir={tmp_path / 'one'}", "batch_size=4", "strategy=single",
                      "eval.iters=2"]) == 0

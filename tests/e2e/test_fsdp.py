@@ -30,7 +30,8 @@ def common(llama_dir, chat, steps: int) -> list[str]:
     train, val = chat
     return [f"model={llama_dir}", f"data={train}", f"dataset.val_data={val}", f"max_iters={steps}",
             "eval.interval=2", "eval.iters=1", "log.interval=1", "log.progress=false", "log.plot=false",
-            "optim.warmup_iters=0", f"optim.lr_decay_iters={steps}", "runtime.threads=1", "dataset.max_seq_len=64"]
+            "optim.warmup_iters=0", f"optim.lr_decay_iters={steps}", "runtime.threads=1", "dataset.max_seq_len=64",
+            "runtime.precision=fp32"]
 
 
 @pytest.mark.slow

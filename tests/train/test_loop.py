@@ -44,32 +44,55 @@ def ragged_chat(tmp_path_factory):
     return path
 
 
-def test_grad_accum_weighs_every_response_token_equally(llama, ragged_chat, tmp_path):
-    """batch_size=4 grad_accum=1 and batch_size=2 grad_accum=2 give the same gradients on variable-length data."""
+def _llama_grads(llama, data, batch_size, accum, dtype=torch.float32, drop_last=False):
+    """One optimizer step's gradients of the tiny Llama (batch_size x accum records, `dtype` compute), the
+    micro-batches' response-token counts and the step's mean loss; `drop_last` forgets the last micro-batch."""
     from slimtune.methods.full import Full
     from slimtune.models.build import build_model
     from slimtune.parallel.single import Single
     from slimtune.train.precision import Precision
     from slimtune.train.workloads import build_workload
 
-    def grads(batch_size, accum):
-        cfg = make_config(TrainConfig, overrides=[f"model={llama}", f"data={ragged_chat}", f"batch_size={batch_size}",
-                                                  f"optim.grad_accum={accum}", "dataset.val_fraction=0"])
-        cpu = torch.device("cpu")
-        workload = build_workload(cfg, 0, 1, cpu)
-        model = build_model(cfg, workload.model_spec(), Full(cfg).load_options()).model.train()
-        batches = [workload.next_batch() for _ in range(accum)]
-        counts = [workload.count_targets(b) for b in batches]
-        loss, n = Single(cfg).forward_backward(model, workload, batches, Precision(cpu, torch.float32))
-        return {k: p.grad.clone() for k, p in model.named_parameters()}, counts, loss / n
+    cfg = make_config(TrainConfig, overrides=[f"model={llama}", f"data={data}", f"batch_size={batch_size}",
+                                              f"optim.grad_accum={accum}", "dataset.val_fraction=0"])
+    cpu = torch.device("cpu")
+    workload = build_workload(cfg, 0, 1, cpu)
+    model = build_model(cfg, workload.model_spec(), Full(cfg).load_options()).model.train()
+    batches = [workload.next_batch() for _ in range(accum)][: accum - drop_last]
+    counts = [workload.count_targets(b) for b in batches]
+    loss, n = Single(cfg).forward_backward(model, workload, batches, Precision(cpu, dtype))
+    return {k: p.grad.clone() for k, p in model.named_parameters()}, counts, loss / n
 
-    whole, whole_counts, whole_loss = grads(4, 1)
-    split, split_counts, split_loss = grads(2, 2)
+
+def test_grad_accum_weighs_every_response_token_equally(llama, ragged_chat, tmp_path):
+    """batch_size=4 grad_accum=1 and batch_size=2 grad_accum=2 give the same gradients on variable-length data."""
+    whole, whole_counts, whole_loss = _llama_grads(llama, ragged_chat, 4, 1)
+    split, split_counts, split_loss = _llama_grads(llama, ragged_chat, 2, 2)
     assert split_counts[0] != split_counts[1]  # the two micro-batches hold different numbers of response tokens
     assert sum(split_counts) == whole_counts[0]
     assert split_loss.item() == pytest.approx(whole_loss.item(), rel=1e-6)
     for name, g in whole.items():
         torch.testing.assert_close(split[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_grad_accum_under_bf16_autocast_weighs_tokens_as_fp32_does(llama, ragged_chat):
+    """What precision=auto runs on bf16-capable CPUs (Zen 4, Sapphire Rapids), on any host: the split step's
+    gradients equal the whole batch's up to bf16 rounding, measured in this process as the distance between the
+    whole batch in fp32 and in bf16, while a step that weighs a micro-batch wrongly (here: loses one) lies far
+    outside that tolerance."""
+    ref, _, ref_loss = _llama_grads(llama, ragged_chat, 4, 1)
+    whole, _, whole_loss = _llama_grads(llama, ragged_chat, 4, 1, torch.bfloat16)
+    split, _, split_loss = _llama_grads(llama, ragged_chat, 2, 2, torch.bfloat16)
+    wrong, _, _ = _llama_grads(llama, ragged_chat, 2, 2, torch.bfloat16, drop_last=True)
+
+    def distance(a, b):  # the largest difference of any gradient, relative to that gradient's scale
+        return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in b)
+
+    rounding = distance(whole, ref)
+    assert 0 < rounding < 0.1  # bf16 autocast really ran, and only rounds
+    assert distance(split, whole) <= 2 * rounding
+    assert distance(wrong, whole) > 4 * rounding
+    assert abs(split_loss.item() - whole_loss.item()) <= 2 * abs(whole_loss.item() - ref_loss.item()) + 1e-6
 
 
 def test_fresh_run_is_not_pruned_against_an_older_run(char_data, tmp_path, capsys):
@@ -186,7 +209,8 @@ def test_pinned_losses(char_data, tmp_path):
     """Fixed seed, tiny GPT, fp32, one thread: the first five losses to 4 decimals. A change here means the
     numerics of the model, data order, loss or optimizer changed; update the numbers only on purpose."""
     out = tmp_path / "pin"
-    slimtune.train(_gpt(char_data, out, "max_iters=5", "strategy=single", "runtime.matmul=aten"))
+    slimtune.train(_gpt(char_data, out, "max_iters=5", "strategy=single", "runtime.matmul=aten",
+                        "runtime.precision=fp32"))
     losses = [round(r["loss"], 4) for r in _records(out)]
     assert losses == PINNED, losses
 
@@ -230,15 +254,19 @@ def test_trainer_state_holds_precision_method_and_schedule(char_data, tmp_path):
     assert state["schedule"] == {"decay_iters": 2, "warmup_iters": 2}
 
 
-def test_bf16_fine_tune_runs_end_to_end_on_cpu(llama, ragged_chat, tmp_path):
+def test_bf16_fine_tune_runs_end_to_end_on_cpu(llama, ragged_chat, tmp_path, monkeypatch, capsys):
+    """precision=auto on a CPU whose bf16 matmul pays (the probe forced, so any host runs this branch)."""
+    monkeypatch.setenv("SLIMTUNE_BF16_SPEEDUP", "2.37")  # what the probe measured on an AMD Zen 4
     out = tmp_path / "bf16"
     result = slimtune.train(make_config(TrainConfig, overrides=[
-        f"model={llama}", f"data={ragged_chat}", f"out_dir={out}", "runtime.precision=bf16", "max_iters=3",
+        f"model={llama}", f"data={ragged_chat}", f"out_dir={out}", "runtime.precision=auto", "max_iters=3",
         "batch_size=4", "log.interval=1", "log.progress=false", "log.plot=false", "eval.interval=3",
         "dataset.val_fraction=0.25"]))
     losses = [r["loss"] for r in _records(out)]
     assert result.step == 3 and len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert math.isfinite(result.val_loss)
+    assert [r["settings"]["act_dtype"] for r in _records(out, "plan")] == ["bf16"]
+    assert "device cpu, bf16 autocast (runtime.precision=auto: a bf16 matmul runs 2.37x" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["random", "ascending", "descending", "fixed"])
