@@ -22,8 +22,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/slimtune demo
 
+# One pytest worker per core: much of the suite waits on single-threaded work (process launches, imports).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

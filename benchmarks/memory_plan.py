@@ -5,9 +5,10 @@
 
 Every run is one ``slimtune train model=smollm2-135m`` in its own process (a fresh process, so the peak resident
 memory of one run never includes another's), on generated Alpaca-style data packed into full ``--seq`` sequences
-(every batch is as long as the plan assumes), fp32 weights, 2 threads, ``--steps`` steps, no evaluation. The run
-itself logs the plan before step 1 and the measured peak (VmHWM, before the final checkpoint is written) at the
-end; this script reads those two records from metrics.jsonl and prints a Markdown table for docs/BENCHMARKS.md.
+(every batch is as long as the plan assumes), fp32 weights (``--precision bf16``: under bf16 autocast), 2 threads,
+``--steps`` steps, no evaluation. The run itself logs the plan before step 1 and the measured peak (VmHWM, before
+the final checkpoint is written) at the end; this script reads those two records from metrics.jsonl and prints a
+Markdown table for docs/BENCHMARKS.md.
 
 Run names: a method (``full``, ``badam``, or any registered method with an estimate, e.g. ``lora``), with
 ``+ckpt`` for ``hf.gradient_checkpointing=true``. BAdam runs train block 0 first (``badam.switch_mode=ascending``):
@@ -47,7 +48,7 @@ def run_one(name: str, data: Path, out: Path, args) -> dict:
                  f"batch_size={args.batch}", f"dataset.max_seq_len={args.seq}", "dataset.packing=true",
                  f"max_iters={args.steps}", "eval.interval=0", "ckpt.interval=0", "log.progress=false",
                  "log.plot=false", "optim.warmup_iters=1", f"runtime.threads={args.threads}", "resume=never",
-                 "strategy=single"]
+                 "strategy=single", f"runtime.precision={args.precision}"]
     if "ckpt" in options:
         overrides.append("hf.gradient_checkpointing=true")
     if method == "badam":
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8,
                         help="steps per run: under runtime.cpu_allocator=keep the resident peak settles after ~6")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="runtime.precision of every run: fp32 weights under bf16 autocast with bf16 (default fp32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw records here")
     args = parser.parse_args()
 
@@ -102,7 +105,8 @@ def main() -> None:
 
     command = "python benchmarks/memory_plan.py " + " ".join(sys.argv[1:])
     print(f"host: {cpu_class()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; `{command.strip()}`; "
-          f"model {args.model}, batch {args.batch} x {args.seq} tokens (packed), fp32, {args.steps} steps, "
+          f"model {args.model}, batch {args.batch} x {args.seq} tokens (packed), fp32 weights, precision "
+          f"{args.precision}, {args.steps} steps, "
           f"{args.threads} threads\n")
     print(table(results))
     if args.json:

@@ -86,7 +86,7 @@ def forced_bf16_speedup() -> float | None:
         ratio = float("nan")
     if not ratio > 0:
         raise SlimtuneError(f"{BF16_SPEEDUP_ENV}={value!r} is not a positive number: set it to the bf16/fp32 matmul "
-                            f"speed ratio to assume (1 for fp32, 2 for bf16 under precision=auto), or unset it")
+                            f"speed ratio to assume (1 for fp32, 2 for bf16 under runtime.precision=auto), or unset it")
     return ratio
 
 

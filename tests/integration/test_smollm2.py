@@ -17,7 +17,7 @@ from slimtune.data.instruct import IGNORE_INDEX, InstructionBatches, load_instru
 from slimtune.errors import SlimtuneError
 from slimtune.tasks import TaskExample, evaluate, make_split, write_jsonl
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("smollm2")]
 
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 

@@ -101,6 +101,7 @@ def _smollm2():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
 def test_badam_reduces_loss_on_smollm2():
     torch.set_num_threads(2)
     model = _smollm2()

@@ -257,6 +257,7 @@ def test_8bit_adamw_from_bitsandbytes():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")
 def test_qlora_on_smollm2_quantizes_every_projection_and_learns(tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
