@@ -87,7 +87,8 @@ def write_data(folder: Path, val_size: int = VAL_SIZE) -> tuple[Path, Path]:
 def val_loss(model, val: Path, tokenizer) -> float:
     """Mean loss per target token over the held-out conversations (packed as in training), the same code for
     every run."""
-    from slimtune.data.instruct import eval_batches, load_instruction_data
+    from slimtune.data.batches import eval_batches
+    from slimtune.data.instruct import load_instruction_data
     from slimtune.train.loss import count_causal_targets
 
     _, val_set = load_instruction_data(val, tokenizer, SEQ, pack=True, val_path=val, seed=SEED)
@@ -114,7 +115,7 @@ def quantized_linear_bytes(model) -> tuple[int, int]:
     """(bytes of every 4-bit linear weight with its scales, bytes the same weights take in fp32)."""
     import bitsandbytes as bnb
 
-    from slimtune.methods.lora import quantized_bytes
+    from slimtune.quant.four_bit import quantized_bytes
 
     stored = fp32 = 0
     for m in model.modules():
@@ -177,7 +178,8 @@ def peft_worker(kind: str, model: str, data: Path, val: Path, steps: int, out: P
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from slimtune.data.instruct import InstructionBatches, load_instruction_data
+    from slimtune.data.batches import InstructionBatches
+    from slimtune.data.instruct import load_instruction_data
     from slimtune.models.hf import load_tokenizer, resolve_model
     from slimtune.train.schedule import cosine_with_warmup
 

@@ -91,7 +91,8 @@ def record_losses(model, tokenizer, path: Path, max_seq_len: int, batch_size: in
     `slimtune eval` reports is ``sum(sums) / sum(counts)``; per record, they allow a paired bootstrap."""
     import torch.nn.functional as F
 
-    from slimtune.data.instruct import eval_batches, load_instruction_data
+    from slimtune.data.batches import eval_batches
+    from slimtune.data.instruct import load_instruction_data
 
     dataset, _ = load_instruction_data(str(path), tokenizer, max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -8,9 +8,9 @@ __all__ = ["BlockOptimizer", "BlockOptimizerRatio", "SlimtuneError", "__version_
 def __getattr__(name):
     # Lazy so that `import slimtune` (and `slimtune --help`) stays fast: torch is imported only when needed.
     if name in ("BlockOptimizer", "BlockOptimizerRatio"):
-        from slimtune.methods import badam
+        from slimtune import optim
 
-        return getattr(badam, name)
+        return getattr(optim, name)
     if name == "SlimtuneError":
         from slimtune.errors import SlimtuneError
 

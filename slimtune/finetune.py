@@ -84,7 +84,9 @@ def evaluate_file(model, tokenizer, data: str, max_seq_len: int = 512, batch_siz
     """Loss and perplexity over every target token of `data`; with `accuracy`, greedy-decode the prompt of every
     record with a known answer (Alpaca `output`, the last assistant message of a chat) and score exact matches
     (whitespace-normalised)."""
-    from slimtune.data.instruct import eval_batches, load_instruction_data, read_samples
+    from slimtune.data.batches import eval_batches
+    from slimtune.data.instruct import load_instruction_data
+    from slimtune.data.records import read_samples
     from slimtune.infer import generate
     from slimtune.tasks import exact_match
 

@@ -20,7 +20,8 @@ from typing import TextIO
 import torch
 from transformers import TextStreamer
 
-from slimtune.data.instruct import encode_text, iter_json_records, render_chat
+from slimtune.data.records import iter_json_records
+from slimtune.data.templates import encode_text, render_chat
 from slimtune.errors import SlimtuneError
 
 
@@ -81,7 +82,7 @@ def generate(model, tokenizer, prompts: list[str] | list[list[dict]], max_new_to
     """Generate one reply per prompt; returns the decoded new text (special tokens removed, stripped).
 
     With `chat=True` each prompt (a string, or a list of {role, content} messages) is formatted with the chat
-    template (see `slimtune.data.instruct.resolve_chat_template`) plus the generation prompt; with `chat=False`
+    template (see `slimtune.data.templates.resolve_chat_template`) plus the generation prompt; with `chat=False`
     it is continued as raw text. Prompts run `batch_size` at a time, left-padded (so every row's new tokens start
     at the same column); with greedy decoding, results do not depend on the batch size up to float rounding.
     """

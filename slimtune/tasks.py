@@ -76,7 +76,7 @@ def accuracy(predictions: list[str], answers: list[str]) -> float:
 
 
 def to_chat_record(example: TaskExample) -> dict:
-    """The example as a chat-format record ({"messages": [...]}), as `slimtune.data.instruct` reads it."""
+    """The example as a chat-format record ({"messages": [...]}), as `slimtune.data.records` reads it."""
     return {"messages": [{"role": "user", "content": example.prompt},
                          {"role": "assistant", "content": example.answer}]}
 

@@ -5,13 +5,15 @@ import ast
 import re
 from pathlib import Path
 
-from slimtune.config import TrainConfig, _defaults, plugin_sections
+from slimtune.config import TrainConfig, plugin_sections
+from slimtune.typed_config import default_values
 
 ROOT = Path(__file__).resolve().parents[1] / "slimtune"
 
 # Messages of Python APIs that name their own keyword arguments (not config keys), by the module that raises them.
 API_ARGUMENTS = {
-    "methods/badam.py": {"include_embedding", "start_block", "update_in_backward", "update_ratio"},
+    "optim/block.py": {"start_block", "update_in_backward"},
+    "optim/ratio.py": {"include_embedding", "update_ratio"},
     "models/gpt.py": {"block_size", "n_embd", "n_head"},
     "models/hf.py": {"num_labels"},
     "infer.py": {"chat"},
@@ -24,7 +26,7 @@ API_ARGUMENTS = {
     "plan/spec.py": {"hidden", "mlp", "n_heads", "n_kv_heads", "norm"},
     "plan/activations.py": {"attention", "backward_from_layer"},
     "cli.py": {"key"},
-    "config.py": {"key"},
+    "typed_config.py": {"key"},
 }
 KEY = re.compile(r"(?<![\w.\-/])([a-z_]+(?:\.[a-z_]+)*)=")
 
@@ -38,9 +40,9 @@ def _config_keys() -> set[str]:
                 out |= walk(v, prefix + k + ".")
         return out
 
-    keys = walk(_defaults(TrainConfig))
+    keys = walk(default_values(TrainConfig))
     for name, cls in plugin_sections().items():
-        keys |= walk(_defaults(cls), name + ".")
+        keys |= walk(default_values(cls), name + ".")
     return keys | {"dataset.column_map." + k for k in ("instruction", "input", "output", "messages", "text")}
 
 

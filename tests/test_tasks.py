@@ -36,7 +36,7 @@ def test_exact_match_normalises_whitespace_only():
 
 
 def test_chat_records_read_back_as_instruction_data(tmp_path):
-    from slimtune.data.instruct import read_samples
+    from slimtune.data.records import read_samples
 
     ex = TaskExample("Reverse the order of these words: a b c", "c b a")
     assert to_chat_record(ex)["messages"][1] == {"role": "assistant", "content": "c b a"}

@@ -29,14 +29,11 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from slimtune.data.examples import DataStats, Example, TokenizedDataset
 from slimtune.errors import SlimtuneError
-
-if TYPE_CHECKING:
-    from slimtune.data.instruct import TokenizedDataset
 
 FOLDER = "data-cache"
 VERSION = 2
@@ -84,8 +81,6 @@ class TokenArrays(Sequence):
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int):
-        from slimtune.data.instruct import Example
-
         if not 0 <= i < len(self):
             raise IndexError(i)
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -155,8 +150,6 @@ class TokenCache:
         """The entry for `key` (a JSON-able dict); when there is none, `tokenize(out)` tokenizes into `out` (an
         `ExampleWriter`) and the result is stored as a new entry (unless nothing may be written) and read back
         memory-mapped. The returned dataset's ``extra`` is what the tokenization's result carried in its own."""
-        from slimtune.data.instruct import DataStats, TokenizedDataset
-
         entry = self.entry(key)
         if (entry / "stats.json").is_file():
             stats = DataStats(**json.loads((entry / "stats.json").read_text()))

@@ -3,7 +3,8 @@
 
 `datasets` memory-maps Arrow data (parquet is converted into Arrow files under `cache_dir` once), so a large file is
 never read into Python lists: rows are handed out one at a time, as dicts, to the same readers as JSONL records
-(`slimtune.data.instruct`). Before the first row, the columns are checked against the format they hold.
+(`slimtune.data.records`). Before the first row, the columns are checked against the format they hold
+(`slimtune.data.formats`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+from slimtune.data.formats import FORMATS_EXPECTED, REQUIRED_FIELDS, format_of
 from slimtune.errors import SlimtuneError
 
 SUFFIXES = (".parquet", ".arrow")
@@ -66,8 +68,6 @@ def _train_split(loaded, path: Path):
 
 def check_columns(columns: list[str], column_map: dict, path: Path, task: str = "lm") -> None:
     """A SlimtuneError listing the columns found when a dataset lacks the columns its format needs."""
-    from slimtune.data.instruct import FORMATS_EXPECTED, REQUIRED_FIELDS, format_of
-
     found = ", ".join(map(repr, columns)) or "none"
     hint = "Map other names with dataset.column_map, e.g. dataset.column_map.instruction=question"
     if task == "classify":

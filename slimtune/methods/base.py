@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.extras import require_bitsandbytes
 from slimtune.plan.settings import NoEstimate
 
 if TYPE_CHECKING:
@@ -88,8 +89,6 @@ def build_adam(groups: list[dict], cfg, device: torch.device) -> torch.optim.Opt
     o = cfg.optim
     if o.name == "adamw":
         return adamw(groups, cfg.lr, (o.beta1, o.beta2), device)
-    from slimtune.methods.lora import require_bitsandbytes
-
     bnb = require_bitsandbytes(f"optim.name={o.name}")
     cls = bnb.optim.AdamW8bit if o.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
     return cls(groups, lr=cfg.lr, betas=(o.beta1, o.beta2))

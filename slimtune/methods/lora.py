@@ -1,16 +1,11 @@
 """LoRA and QLoRA (method=lora, method=qlora): low-rank adapters on a frozen base, built on `peft`.
 
-peft does the adapter arithmetic (its `LoraConfig`, `get_peft_model`, state-dict helpers); this module decides
-what to adapt, keeps checkpoints in peft's own format, and rebuilds base + adapter for inference and export:
-
-    step-NNNNNN/adapter_config.json        peft's config, `base_model_name_or_path` = the base folder that was used
-    step-NNNNNN/adapter_model.safetensors  the adapter (and any `modules_to_save`, e.g. a new classification head)
-    step-NNNNNN/slimtune_base.json         a fingerprint of the frozen base, so an adapter is never silently put on
-                                           another model (resume, inference and merged export check it)
-
-so `peft.PeftModel.from_pretrained(base, "out/step-000200")` loads a checkpoint without slimtune. For training, the
-plain LoRA linear layers get a forward that scales and adds the adapter's output in place (`lean_lora_layers`): peft's
-operations on the same values, bit for bit, with fewer temporary tensors and so a lower peak.
+peft does the adapter arithmetic (its `LoraConfig`, `get_peft_model`, state-dict helpers); slimtune decides what to
+adapt, keeps checkpoints in peft's own format (`slimtune.methods.lora_adapters`: a checkpoint is an adapter folder,
+so `peft.PeftModel.from_pretrained(base, "out/step-000200")` loads it without slimtune), and rebuilds base + adapter
+for inference and export. For training, the plain LoRA linear layers get a forward that scales and adds the
+adapter's output in place (`slimtune.methods.peft_patch`): peft's operations on the same values, bit for bit, with
+fewer temporary tensors and so a lower peak.
 
 QLoRA keeps the frozen linear layers in 4-bit (NF4 or FP4, optionally double-quantized) through `bitsandbytes`,
 quantized while transformers loads the weights. Unlike peft's `prepare_model_for_kbit_training`, the frozen
@@ -20,16 +15,13 @@ would erase a small fine-tune). qlora.init=loftq starts the adapters at the rank
 (`slimtune.quant.loftq`), leaving the base as it is.
 
 peft and bitsandbytes are imported only inside functions: the method registry imports this module whether or not
-they are installed, and a missing one is an error that names the extra to install.
+they are installed, and a missing one is an error that names the extra to install (`slimtune.extras`).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
 import math
-import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -40,67 +32,26 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from slimtune.config import check_choice
 from slimtune.errors import SlimtuneError
-from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, \
-    trainable_numel
+from slimtune.extras import require_bitsandbytes, require_peft, require_torchao
+from slimtune.methods.badam import BAdam
+from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, trainable_numel
+from slimtune.methods.lora_adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT, CLASSIFIER_HEADS,
+                                            check_base, fingerprint, head_names, load_adapter_weights, merged_model,
+                                            resolve_targets)
+from slimtune.methods.peft_patch import lean_lora_layers
+from slimtune.quant.four_bit import dequantized_weight, is_quantized, own_memory, quantized_bytes
 from slimtune.registry import METHODS
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-BASE_FINGERPRINT = "slimtune_base.json"
+from slimtune.typed_config import check_choice
 
 # peft initialisations that keep the base weights as they are (PiSSA, OLoRA, CorDA and peft's LoftQ rewrite the
 # base, so an adapter-only checkpoint could not rebuild the model; EVA needs data before training). qlora.init=loftq
 # is slimtune's own (the base stays as method=qlora stores it, `slimtune.quant.loftq`): peft creates the adapters
 # with its default, then `Qlora.prepare` sets them.
 INITS = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal", "random": False, "loftq": True}
-# Classification heads that transformers initialises fresh for hf.task=classify: they must train and be saved.
-CLASSIFIER_HEADS = ("score", "classifier")
-
-
-def require_peft():
-    try:
-        import peft
-    except ImportError:
-        raise SlimtuneError("method=lora and method=qlora need peft: pip install 'slimtune[hf]'") from None
-    return peft
-
-
-def require_bitsandbytes(what: str):
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise SlimtuneError(f"{what} needs bitsandbytes, which is not installed: pip install 'slimtune[qlora]'") \
-            from None
-    return bitsandbytes
-
 
 NF4_BLOCK = 64
 """Weights per NF4 scale (bitsandbytes' and torchao's default)."""
-
-
-def require_torchao(what: str):
-    import slimtune.models.hf  # noqa: F401  (quiets torchao's import-time logging)
-
-    try:
-        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
-    except ImportError:
-        raise SlimtuneError(f"{what} needs torchao, which is not installed: pip install 'slimtune[torchao]'") from None
-    return nf4_tensor
-
-
-def is_quantized(weight: torch.Tensor) -> bool:
-    """A 4-bit weight: bitsandbytes' (packed bytes with a quant_state) or torchao's NF4 tensor."""
-    return getattr(weight, "quant_state", None) is not None or hasattr(weight, "quantized_data")
-
-
-def quantized_bytes(weight: torch.Tensor) -> int:
-    """Memory a 4-bit weight takes (its packed values and scales)."""
-    if hasattr(weight, "quantized_data"):  # torchao NF4: 4-bit codes, int8 block scales, fp32 scale-of-scales
-        return sum(t.numel() * t.element_size() for t in (weight.quantized_data, weight.quantized_scalers,
-                                                           weight.quantization_factor, weight.scaler_mean))
-    return weight.numel() * weight.element_size()
 
 
 def nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
@@ -214,271 +165,6 @@ def _check_lora_keys(section: str, o) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers over nn.Module: what to adapt, fingerprints, loading an adapter with checks, merging
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Names of every linear layer (nn.Linear and its subclasses, such as bitsandbytes' Linear4bit)."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def head_names(model: nn.Module) -> set[str]:
-    """Output layers that must never get an adapter by default: the LM head and classification heads."""
-    heads = {name for name in CLASSIFIER_HEADS if isinstance(getattr(model, name, None), nn.Module)}
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
-    heads |= {name for name, m in model.named_modules() if head is not None and m is head}
-    return heads
-
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)\d+\.")
-
-
-def default_targets(model: nn.Module) -> list[str]:
-    """Every attention and MLP projection: the linear layers inside the numbered transformer blocks, as the name
-    suffixes after the block index (`self_attn.q_proj`, `mlp.c_fc`, `attention.self.query`), which peft matches
-    against the end of each module name."""
-    suffixes = set()
-    for name in linear_names(model):
-        found = list(_LAYER_INDEX.finditer(name))
-        if found:
-            suffixes.add(name[found[-1].end():])
-    return sorted(suffixes)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
-    return name == pattern or name.endswith("." + pattern)
-
-
-def resolve_targets(model: nn.Module, patterns: list[str]) -> list[str]:
-    """`lora.target_modules` → what peft gets: plain names and suffixes as they are, globs and `all-linear`
-    expanded to full module names. Every pattern must match a linear layer."""
-    linears = linear_names(model)
-    if not patterns:
-        targets = default_targets(model)
-        if targets:
-            return targets
-        patterns = ["all-linear"]
-    if patterns == ["all-linear"]:
-        heads = head_names(model)
-        return [n for n in linears if n not in heads]
-    out: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in linears if _matches(n, pattern)]
-        if not hits:
-            shown = sorted({_LAYER_INDEX.sub(".N.", n) for n in linears})
-            raise SlimtuneError(f"lora.target_modules: {pattern!r} matches no linear layer of this model. Its linear "
-                                f"layers (N = block index): {', '.join(shown)}; or use all-linear")
-        out.extend(hits if any(c in pattern for c in "*?[") else [pattern])
-    return list(dict.fromkeys(out))
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of every base tensor's name, shape, dtype and a strided sample of its values (at most 4096 per
-    tensor): cheap at any model size, and different for another architecture, seed or fine-tune. Adapters and new
-    classification heads are left out."""
-    h = hashlib.sha256()
-    state = {}
-    for name, t in model.state_dict().items():
-        # With adapters injected, the base tensors are renamed (`q_proj.base_layer.weight`,
-        # `score.original_module.weight`); adapters and trained copies are not part of the base.
-        # A classification head is freshly initialised at every load (and trained as a module to save).
-        if name.split(".")[0] in CLASSIFIER_HEADS:
-            continue
-        if torch.is_tensor(t) and "lora_" not in name and ".modules_to_save." not in name:
-            t = getattr(t, "quantized_data", t)  # torchao NF4: its 4-bit codes
-            state[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = t
-    for name, t in sorted(state.items()):
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].contiguous().cpu()
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(sample.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
-def load_adapter_weights(model: nn.Module, folder: Path) -> None:
-    """Load `folder`'s adapter_model.safetensors into the peft model `model`, refusing (with the differences) an
-    adapter whose tensor names or shapes do not fit this model."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    file = Path(folder) / ADAPTER_WEIGHTS
-    if not file.is_file():
-        raise SlimtuneError(f"{folder} holds no {ADAPTER_WEIGHTS}: not a peft adapter folder")
-    saved = load_file(str(file))
-    expected = get_peft_model_state_dict(model)
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    reshaped = [f"{k} {tuple(saved[k].shape)} vs {tuple(expected[k].shape)}" for k in saved
-                if k in expected and saved[k].shape != expected[k].shape]
-    if missing or unexpected or reshaped:
-        parts = []
-        for label, items in (("not in the adapter", missing), ("not in this model", unexpected),
-                             ("different shapes (adapter vs model)", reshaped)):
-            if items:
-                parts.append(f"{len(items)} {label}, e.g. {', '.join(items[:3])}")
-        raise SlimtuneError(f"the adapter in {folder} does not fit this base model: {'; '.join(parts)}. Load it on "
-                            f"the base model it was trained on")
-    set_peft_model_state_dict(model, saved)
-
-
-def check_base(folder: Path, model: nn.Module, base_name: str) -> None:
-    """Refuse to put the adapter in `folder` on a base other than the one it was trained on (when it says)."""
-    file = Path(folder) / BASE_FINGERPRINT
-    if not file.is_file():
-        return  # an adapter made elsewhere: only its names and shapes can be checked
-    saved = json.loads(file.read_text())
-    if saved.get("fingerprint") != fingerprint(model):
-        raise SlimtuneError(f"the adapter in {folder} was trained on a different base model than model={base_name} "
-                            f"now holds (its weights differ from those the adapter was trained on). Use the exact "
-                            f"base it was trained on")
-
-
-def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a linear layer in fp32, dequantizing a bitsandbytes 4-bit one."""
-    weight = module.weight
-    if getattr(weight, "quant_state", None) is not None:
-        from slimtune.quant.bnb4 import dequantize
-
-        return dequantize(weight.data, weight.quant_state).float()
-    if hasattr(weight, "quantized_data"):
-        return weight.get_original_weight().float()
-    return weight.detach().float()
-
-
-def merged_state(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base model's state dict in fp32 with every adapter's delta added and 4-bit weights dequantized (never
-    re-quantized), keyed as the plain transformers model names its tensors."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    base = peft_model.get_base_model()
-    out: dict[str, torch.Tensor] = {}
-    skip: set[str] = set()
-    for name, module in base.named_modules():
-        if any(name.startswith(s) for s in skip):  # inside a layer already merged (its base_layer, its adapters)
-            continue
-        if isinstance(module, LoraLayer):
-            layer = module.get_base_layer()
-            weight = dequantized_weight(layer)
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight = _merge_one(module, adapter, weight)
-            out[f"{name}.weight"] = weight
-            if layer.bias is not None:
-                out[f"{name}.bias"] = layer.bias.detach().float()
-            skip.add(name + ".")
-        elif isinstance(module, ModulesToSaveWrapper):
-            trained = module.modules_to_save[module.active_adapter]
-            for key, t in trained.state_dict().items():
-                out[f"{name}.{key}"] = t.detach().float()
-            skip.add(name + ".")
-        elif isinstance(module, nn.Linear) and is_quantized(module.weight):
-            out[f"{name}.weight"] = dequantized_weight(module)
-            if module.bias is not None:
-                out[f"{name}.bias"] = module.bias.detach().float()
-            skip.add(name + ".")
-    for key, t in base.state_dict().items():
-        if key not in out and not any(key.startswith(s) for s in skip):
-            out[key] = t.detach().float() if t.is_floating_point() else t
-    return out
-
-
-def _merge_one(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-    # DoRA rescales the merged weight by its magnitude vector; peft computes the delta and scale for both cases.
-    delta = module.get_delta_weight(adapter).float()
-    if module.use_dora.get(adapter, False):
-        dora = module.lora_magnitude_vector[adapter]
-        norm = dora.get_weight_norm(weight, delta.to(weight.dtype), scaling=1).detach()
-        scale = (dora.weight / norm).view(-1, 1)
-        return scale * (weight + delta)
-    return weight + delta
-
-
-def own_memory(model: nn.Module) -> None:
-    """Give every tensor that is not 4-bit its own memory instead of a view into the memory-mapped checkpoint file.
-
-    transformers loads safetensors through a memory map and leaves unconverted tensors (embeddings, norms) as views
-    into it. Those views keep the whole mapping alive, so every page read while quantizing the linear layers stays
-    resident: measured on SmolLM2-135M, 517 MB of file pages after loading, 103 MB once the ~110 MB of views are
-    copied. The copies are exact."""
-    import gc
-
-    for p in model.parameters():
-        if not is_quantized(p):
-            p.data = p.data.clone()
-    gc.collect()  # the mapping is released when its last view goes
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The adapted linear layers' forward, with fewer temporary tensors
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _lean_lora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's forward of a LoRA linear layer, `base(x) + lora_B(lora_A(dropout(x))) * scaling`, with the scaling and
-    the sum done in place. peft's own forward makes three output-sized tensors besides the base output (the adapter
-    output, the scaled copy, the sum); this one makes one. The same operations on the same values: results and
-    gradients are bit for bit peft's. Anything but that plain case (adapters disabled or merged, DoRA and other
-    variants, per-call arguments, autocast, an adapter in another dtype than the input) runs peft's forward."""
-    peft_forward = type(self).__mro__[1].forward
-    adapters = [name for name in self.active_adapters if name in self.lora_A]
-    if (args or kwargs or self.disable_adapters or self.merged or not adapters
-            or any(name in self.lora_variant or self.lora_A[name].weight.dtype != x.dtype for name in adapters)
-            or torch.is_autocast_enabled(x.device.type)):
-        return peft_forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    if result.dtype != x.dtype:  # a base layer that computes in another dtype: peft casts, so let it
-        return peft_forward(self, x)
-    fresh = getattr(self.base_layer, "fresh_output", None)  # slimtune's 4-bit layers say when peft's copy is moot
-    if (self._clone_base_output and not (fresh is not None and fresh(x))) or result._is_view():
-        result = result.clone()  # as peft does for bitsandbytes' 4-bit layers; a custom autograd Function's output
-        # (slimtune's oneDNN linear) may be a view too
-    for name in adapters:
-        # lora_B's backward needs its input, not its output, and the base layer's needs none: both may change in place
-        delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
-        scaled = delta * self.scaling[name] if delta._is_view() else delta.mul_(self.scaling[name])
-        result.add_(scaled)
-    return result
-
-
-_LEAN_CLASSES: dict[type, type] = {}
-
-
-def lean_lora_layers(model: nn.Module) -> int:
-    """Give every LoRA linear layer of `model` (peft's `Linear`, and its bitsandbytes `Linear4bit`) the forward above,
-    by switching its class to a subclass (isinstance, state_dict and peft's own methods stay as they were); returns
-    how many were switched.
-
-    Measured on SmolLM2-135M (benchmarks/methods.py, 4 x 128 tokens, CPU): the training peak drops by ~150 MB,
-    mostly not the temporaries themselves but the allocator's holes they leave between the activations."""
-    import sys
-
-    from peft.tuners.lora import layer as lora_layer
-
-    bnb_layer = sys.modules.get("peft.tuners.lora.bnb")  # imported by peft only where bitsandbytes is installed
-    plain = {lora_layer.Linear: False}
-    if getattr(bnb_layer, "Linear4bit", None) is not None:
-        plain[bnb_layer.Linear4bit] = True
-    n = 0
-    for module in model.modules():
-        cls = type(module)
-        if cls in plain:
-            lean = _LEAN_CLASSES.get(cls)
-            if lean is None:
-                lean = _LEAN_CLASSES[cls] = type(cls.__name__, (cls,), {
-                    "forward": _lean_lora_forward, "_clone_base_output": plain[cls], "__module__": __name__,
-                    "__qualname__": f"lean_{cls.__name__}", "__doc__": f"peft's {cls.__name__} with the forward of "
-                                                                       f"`_lean_lora_forward`."})
-            module.__class__ = lean
-            n += 1
-    return n
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # method=lora
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -494,8 +180,6 @@ class Lora(Method):
         super().__init__(cfg)
         self._blocks = None
         if self.options.badam:
-            from slimtune.methods.badam import BAdam
-
             # BAdam over the adapters: its block optimizer trains only `lora_` parameters of the active block.
             self._blocks = BAdam(cfg)
             self.fixed_trainable_set, self.grads_in_param_grad = BAdam.fixed_trainable_set, BAdam.grads_in_param_grad
@@ -653,10 +337,7 @@ class Lora(Method):
         try:
             if merge:
                 model, tokenizer = self.load_adapter_model(source)
-                plain = _plain_model(model, merged_state(model))
-                if quantize:
-                    plain = _quantized(plain, quantize)
-                _save_plain(plain, tokenizer, tmp)
+                _save_plain(merged_model(model, quantize), tokenizer, tmp)
             else:
                 for f in source.iterdir():
                     if f.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT) or f.name.startswith(
@@ -723,50 +404,6 @@ def _planner_errors(method: str):
         raise
     except SlimtuneError as exc:
         raise NoEstimate(f"the planner cannot describe {method}.target_modules: {exc}") from None
-
-
-def _plain_model(peft_model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The base model's plain transformers class in fp32, holding `state` (no quantization config)."""
-    import copy
-
-    base = peft_model.get_base_model()
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config._name_or_path = ""
-    config.dtype = torch.float32
-    plain = type(base)(config).float()
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(plain)]
-    if missing or unexpected:
-        raise SlimtuneError(f"merging failed: the merged weights do not fit {type(base).__name__} (missing "
-                            f"{missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(base, "generation_config", None) is not None:
-        plain.generation_config = copy.deepcopy(base.generation_config)
-    return plain.eval()
-
-
-def _quantized(model: nn.Module, quant_type: str) -> nn.Module:
-    """`model` reloaded with its linear layers in 4 bits (double quantization), as transformers saves and loads
-    them with bitsandbytes. Only on request: re-quantizing can erase a small fine-tune's delta."""
-    import tempfile
-
-    from transformers import BitsAndBytesConfig
-
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["lm_head", *CLASSIFIER_HEADS])
-    with tempfile.TemporaryDirectory(prefix="slimtune-merge-") as tmp:
-        model.save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, quantization_config=config, device_map="cpu", dtype=torch.float32,
-                                           local_files_only=True)
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    # A tied output head shares the embedding's tensor; the state dict may omit it.
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return {n for group in names.values() if len(group) > 1 for n in group}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class PipelineConfig:
     """Timed forward+backward passes per unit when balancing by time (the median counts)."""
 
     def __post_init__(self):
-        from slimtune.config import check_choice
+        from slimtune.typed_config import check_choice
 
         check_choice("pipeline.schedule", self.schedule, SCHEDULES)
         check_choice("pipeline.balance", self.balance, BALANCES)

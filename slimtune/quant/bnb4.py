@@ -20,8 +20,8 @@ Two bitsandbytes CPU paths are wrong for some shapes on CPUs with AVX-512, and s
 on every host:
 - its native decoder's AVX-512 branch reads one scale per (row, block of the row): right where every row is a
   whole number of blocks, wrong where a row is narrower than a block or ends mid-block (`in_features % blocksize`
-  != 0), where blocks run across rows. slimtune calls the native decoder only where rows are whole blocks and
-  decodes the other shapes with torch operations, identically on every host.
+  != 0), where blocks run across rows. slimtune calls the native decoder (`slimtune.quant.bnb_native`) only where
+  rows are whole blocks and decodes the other shapes with torch operations, identically on every host.
 - on CPUs with AVX-512 BF16, `Linear4bit.forward` without grad (evaluation, generation) converts the weight in place
   to a packed layout for an inference kernel, which fails for layers whose `out_features` is not a multiple of 32
   or that are narrower than a block (`shape '[32, 0]' is invalid`), and then multiplies in bf16 whatever the
@@ -37,6 +37,8 @@ import threading
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from slimtune.quant.bnb_native import native_decoder as _native_decoder
 
 _local = threading.local()
 
@@ -61,16 +63,6 @@ BUFFERS = ("indices", "weight", "stored", "lowp")
 def workspace_bytes() -> int:
     """Bytes of the calling thread's buffers (0 before its first product)."""
     return sum(b.numel() * b.element_size() for b in (getattr(_local, n, None) for n in BUFFERS) if b is not None)
-
-
-def _native_decoder(quant_type: str):
-    """bitsandbytes' own CPU routine that decodes a 4-bit weight into fp32 at a given address (what its CPU
-    `dequantize_4bit` calls after allocating the output), or None where its native library lacks it."""
-    try:
-        from bitsandbytes.cextension import lib
-    except ImportError:
-        return None
-    return getattr(lib, f"cdequantize_blockwise_cpu_{quant_type}_fp32", None)
 
 
 def native_decoding_is_exact(shape: tuple[int, int], blocksize: int) -> bool:
@@ -100,11 +92,7 @@ def dequantize_into_workspace(packed: torch.Tensor, state, native: bool = True) 
     exact = native and native_decoding_is_exact((rows, cols), state.blocksize)
     decode = _native_decoder(state.quant_type) if exact else None
     if decode is not None:
-        import ctypes
-
-        scales = scales.float().contiguous()
-        decode(bnbf.get_ptr(halves), bnbf.get_ptr(scales), bnbf.get_ptr(weight), ctypes.c_longlong(state.blocksize),
-               ctypes.c_longlong(rows), ctypes.c_longlong(cols))
+        decode(halves, scales, weight, state.blocksize, rows, cols)
         return weight.view(rows, cols)
     indices = _buffer("indices", 2 * halves.numel(), torch.int32)  # an odd count leaves half of the last byte unused
     torch.bitwise_right_shift(halves, 4, out=indices[0::2])

@@ -150,7 +150,8 @@ def quantize_to_folder(model_source: str, out_dir: str | Path, *, settings=None,
 
 
 def _calibration_batches(tokenizer, path: str, samples: int, max_seq_len: int, batch_size: int) -> list[dict]:
-    from slimtune.data.instruct import eval_batches, load_instruction_data
+    from slimtune.data.batches import eval_batches
+    from slimtune.data.instruct import load_instruction_data
 
     dataset, _ = load_instruction_data(path, tokenizer, max_seq_len)
     examples = list(dataset)[:samples]

@@ -190,7 +190,7 @@ class _HFWorkload(Workload):
     def _init_batches(self, cfg, train: list, val: list, pad_id: int, rank: int, world_size: int, device):
         """Batches over the training sets `train` (one per data file): mixed by dataset.weights when given, else
         all their examples once per epoch. `val` holds the validation sets (evaluated as one)."""
-        from slimtune.data.instruct import ConcatExamples, InstructionBatches, MixedBatches
+        from slimtune.data.batches import ConcatExamples, InstructionBatches, MixedBatches
 
         self.cfg = cfg
         self.device = device
@@ -215,7 +215,7 @@ class _HFWorkload(Workload):
         return int(batch["attention_mask"].sum())
 
     def eval_batches(self, split: str, max_batches: int):
-        from slimtune.data.instruct import collate
+        from slimtune.data.batches import collate
 
         dataset = self.val_set if split == "val" else self.train_set
         if dataset is None or len(dataset) == 0:
@@ -310,7 +310,7 @@ class HFClassifierWorkload(_HFWorkload):
 
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True):
         from slimtune.data.cache import FOLDER, TokenCache
-        from slimtune.data.instruct import load_classification_data
+        from slimtune.data.classify import load_classification_data
         from slimtune.models.hf import load_tokenizer, resolve_model
 
         if not cfg.data:

@@ -13,11 +13,14 @@ import torch
 from tests.tiny_hf import one_torch_thread, tiny_tokenizer  # noqa: F401
 
 from slimtune.config import TrainConfig, make_config  # noqa: E402
-from slimtune.data import instruct  # noqa: E402
+from slimtune.data import classify, instruct  # noqa: E402
+from slimtune.data import records as data_records  # noqa: E402
+from slimtune.data.batches import ConcatExamples, InstructionBatches, MixedBatches  # noqa: E402
 from slimtune.data.cache import TokenCache  # noqa: E402
-from slimtune.data.instruct import (ConcatExamples, Example, InstructionBatches, MixedBatches,  # noqa: E402
-                                    data_sources, load_instruction_data, read_classification_samples,
-                                    read_samples)
+from slimtune.data.classify import read_classification_samples  # noqa: E402
+from slimtune.data.examples import Example  # noqa: E402
+from slimtune.data.instruct import data_sources, load_instruction_data  # noqa: E402
+from slimtune.data.records import read_samples  # noqa: E402
 from slimtune.errors import SlimtuneError  # noqa: E402
 
 datasets = pytest.importorskip("datasets")
@@ -170,7 +173,7 @@ def test_records_stream_into_compact_arrays_never_a_list(tmp_path, tok, monkeypa
     """Training data goes record by record from the file through the split into int32 arrays: neither the records
     nor the examples are ever gathered in a Python list (read_samples, the list reader, is not called)."""
     from slimtune.data.cache import TokenArrays
-    from slimtune.data.instruct import PackedExamples
+    from slimtune.data.examples import PackedExamples
 
     records = [{"instruction": f"say {i}", "input": "", "output": "word " * (i % 5 + 1)} for i in range(200)]
     path = write_jsonl(tmp_path / "big.jsonl", records)
@@ -178,7 +181,7 @@ def test_records_stream_into_compact_arrays_never_a_list(tmp_path, tok, monkeypa
     ds.to_parquet(str(tmp_path / "big.parquet"))
     listed = {}
     for kind, source in (("jsonl", path), ("parquet", tmp_path / "big.parquet")):
-        monkeypatch.setattr(instruct, "read_samples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("list")))
+        monkeypatch.setattr(data_records, "read_samples", lambda *a, **k: (_ for _ in ()).throw(AssertionError("list")))
         for cache in (None, TokenCache(tmp_path / f"cache-{kind}")):
             train, val = load_instruction_data(source, tok, 64, val_fraction=0.1, seed=2, cache=cache,
                                                pack=True)
@@ -195,7 +198,7 @@ def test_records_stream_into_compact_arrays_never_a_list(tmp_path, tok, monkeypa
 
 
 def test_validation_mask_is_deterministic_and_sized():
-    from slimtune.data.instruct import validation_mask
+    from slimtune.data.records import validation_mask
 
     a, b = validation_mask(1000, 0.05, seed=7), validation_mask(1000, 0.05, seed=7)
     assert a.dtype == bool and a.sum() == 50 and (a == b).all()
@@ -206,7 +209,7 @@ def test_validation_mask_is_deterministic_and_sized():
 
 
 def test_classification_data_is_cached_with_its_label_ids(tmp_path, monkeypatch):
-    from slimtune.data.instruct import load_classification_data
+    from slimtune.data.classify import load_classification_data
 
     cls_tok = tiny_tokenizer(None, pair_template=True)
     rows = [{"text": f"text {i}", "label": ("good", "bad", "meh")[i % 3]} for i in range(30)]
@@ -219,8 +222,8 @@ def test_classification_data_is_cached_with_its_label_ids(tmp_path, monkeypatch)
     def refuse(*args, **kwargs):
         raise AssertionError("read again")
 
-    monkeypatch.setattr(instruct, "iter_classification_samples", refuse)
-    monkeypatch.setattr(instruct, "count_records", refuse)
+    monkeypatch.setattr(classify, "iter_classification_samples", refuse)
+    monkeypatch.setattr(classify, "count_records", refuse)
     train2, val2, label2id2 = load_classification_data(path, cls_tok, 16, val_fraction=0.2, seed=1, cache=cache)
     assert train2.cached_in is not None and label2id2 == label2id
     for a, b in ((train, train2), (val, val2)):

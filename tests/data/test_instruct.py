@@ -9,8 +9,12 @@ import torch
 # one_torch_thread is an autouse fixture: importing it applies it to every test here.
 from tests.tiny_hf import one_torch_thread, tiny_llama, tiny_tokenizer  # noqa: F401
 
-from slimtune.data.instruct import (CHAT_TEMPLATES, IGNORE_INDEX, InstructionBatches, Sample, encode_chat,  # noqa: E402
-                                    eval_batches, load_classification_data, load_instruction_data, read_samples, render_chat, resolve_chat_template, tokenize_samples)
+from slimtune.data.batches import InstructionBatches, eval_batches  # noqa: E402
+from slimtune.data.classify import load_classification_data  # noqa: E402
+from slimtune.data.examples import IGNORE_INDEX  # noqa: E402
+from slimtune.data.instruct import load_instruction_data, tokenize_samples  # noqa: E402
+from slimtune.data.records import Sample, read_samples  # noqa: E402
+from slimtune.data.templates import CHAT_TEMPLATES, encode_chat, render_chat, resolve_chat_template  # noqa: E402
 from slimtune.errors import SlimtuneError  # noqa: E402
 
 

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import slimtune.models.hf as hf
-from slimtune.data.instruct import IGNORE_INDEX, InstructionBatches, load_instruction_data
+from slimtune.data.batches import InstructionBatches
+from slimtune.data.examples import IGNORE_INDEX
+from slimtune.data.instruct import load_instruction_data
 from slimtune.errors import SlimtuneError
 from slimtune.tasks import TaskExample, evaluate, make_split, write_jsonl
 

@@ -128,7 +128,7 @@ def test_adapter_made_with_peft_alone_keeps_training(llama_dir, chat_file, tmp_p
 def test_lean_adapter_forward_is_pefts_bit_for_bit(llama_dir, options):
     """Training runs peft's LoRA linears with slimtune's leaner forward (in-place scaling and sum): the logits and
     every gradient must be exactly peft's, with dropout drawing the same masks; DoRA keeps peft's own forward."""
-    from slimtune.methods.lora import lean_lora_layers
+    from slimtune.methods.peft_patch import lean_lora_layers
 
     config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
               "init_lora_weights": False, **options}

@@ -113,7 +113,7 @@ def test_loftq_adapters_start_at_the_rounding_error(llama_dir, wide_llama_dir, c
     from transformers import AutoModelForCausalLM
 
     from slimtune.finetune import open_causal_lm
-    from slimtune.methods.lora import dequantized_weight
+    from slimtune.quant.four_bit import dequantized_weight
     from slimtune.train.loop import setup
 
     original = load_file(str(llama_dir / "model.safetensors"))
@@ -161,7 +161,7 @@ def test_lean_adapter_forward_on_4bit_layers_is_pefts_bit_for_bit(wide_llama_dir
     copies first as peft does, unless slimtune's workspace product made it): logits and adapter gradients exactly
     peft's on bitsandbytes' own layers."""
     pytest.importorskip("bitsandbytes")
-    from slimtune.methods.lora import lean_lora_layers
+    from slimtune.methods.peft_patch import lean_lora_layers
     from slimtune.quant.bnb4 import use_workspace_4bit
 
     def adapted():

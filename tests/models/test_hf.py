@@ -14,7 +14,8 @@ from safetensors.torch import save_model
 from tests.tiny_hf import one_torch_thread, save_tiny_bert, save_tiny_llama, tiny_llama, tiny_tokenizer  # noqa: F401
 
 import slimtune.models.hf as hf  # noqa: E402
-from slimtune.data.instruct import InstructionBatches, eval_batches, load_classification_data  # noqa: E402
+from slimtune.data.batches import InstructionBatches, eval_batches  # noqa: E402
+from slimtune.data.classify import load_classification_data  # noqa: E402
 from slimtune.errors import SlimtuneError  # noqa: E402
 
 
