@@ -34,12 +34,33 @@ def wide_llama_dir(tmp_path_factory):
 
 
 def train_args(model, data, out, *extra):
-    return ["train", f"model={model}", f"data={data}", f"out_dir={out}", *FAST, "lr=3e-3", "method=qlora", *extra]
+    """`slimtune train` arguments of a QLoRA run computing in fp32 on every host (this file compares its results
+    with plain peft's and its own exports, which `qlora.compute_dtype=auto`'s bf16 on bf16-capable CPUs would not
+    equal)."""
+    return ["train", f"model={model}", f"data={data}", f"out_dir={out}", *FAST, "lr=3e-3", "method=qlora",
+            "runtime.precision=fp32", "qlora.compute_dtype=fp32", *extra]
 
 
 def losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"}
+
+
+def test_on_an_avx512_bf16_host_qlora_trains_evaluates_and_decodes_narrow_layers(llama_dir, chat_file, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """What a Zen 4 or Sapphire Rapids user runs by default (bf16 compute, bitsandbytes' AVX-512 BF16 flag set on
+    every 4-bit layer), on any host: the narrow tiny Llama trains, evaluates and greedy-decodes without reaching
+    bitsandbytes' in-place conversion, which fails on layers narrower than a block."""
+    bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)  # what bitsandbytes reads on such a CPU
+    out = tmp_path / "run"
+    assert cli.main(train_args(llama_dir, chat_file, out, "max_iters=2", "runtime.precision=bf16",
+                               "qlora.compute_dtype=bf16", "dataset.val_fraction=0.25", "eval.interval=2")) == 0
+    assert any(r["kind"] == "eval" for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()))
+    capsys.readouterr()
+    assert cli.main(["eval", str(out), "--data", str(chat_file), "--accuracy", "--limit", "2",
+                     "--max-new-tokens", "4"]) == 0
+    assert "exact match" in capsys.readouterr().out
 
 
 def test_base_linears_are_4bit_and_frozen_and_only_adapters_change(llama_dir, chat_file, tmp_path):
