@@ -199,3 +199,14 @@ def test_other_cases_run_bitsandbytes_forward(monkeypatch):
     out.sum().backward()
     assert trained_bias.bias.grad is not None
     assert len(calls) == 2  # both calls of the trained-bias layer went through bitsandbytes' forward
+
+
+def test_a_weight_quantized_from_bf16_decodes_to_bf16_as_bitsandbytes_does():
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert state.dtype == torch.bfloat16
+    expected = bnbf.dequantize_4bit(packed, state)
+    assert expected.dtype == torch.bfloat16 and torch.equal(expected, format_reference(packed, state).bfloat16())
+    assert torch.equal(bnb4.dequantize(packed, state), expected)
+    assert torch.equal(bnb4._weight_in(packed, state, torch.bfloat16), expected)
+    assert torch.equal(bnb4._weight_in(packed, state, torch.float32), expected.float())  # rounded as stored
