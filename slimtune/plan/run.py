@@ -190,14 +190,16 @@ CPU_ALLOCATOR_SLACK = 0.15
 that later small allocations split): measured 5-40 % of the activations with slimtune's GPT and SmolLM2-135M
 (benchmarks/memory_plan.py); the calibrated middle."""
 
-CPU_KEEP_RETENTION = 0.75
+CPU_KEEP_RETENTION = 0.35
 """Under ``runtime.cpu_allocator=keep`` (the default: glibc keeps every freed block, so steps stop page-faulting),
-the resident peak keeps rising for the first few steps and settles above the live tensors: by 177-582 MiB in
-8-step runs of SmolLM2-135M (full, full + checkpointing, LoRA, BAdam, BAdam + checkpointing; benchmarks/memory_plan.py
---steps 8, 2026-12-01, AMD EPYC, glibc 2.36), whatever the activations (113 MiB to 1.4 GiB), and only ~60 MiB with
-``release``. The planner allows this share of the weights' bytes for it (385 MiB for SmolLM2's 513 MiB), or
-`CPU_ALLOCATOR_SLACK` of the activations where that is more (small models with long sequences): a fit to the
-measured settled peaks, not a derivation; the blocks that stay are not the activations alone."""
+the resident peak keeps rising for the first few steps and settles above the live tensors. The planner allows this
+share of the weights' bytes for it (180 MiB for SmolLM2's 513 MiB), or `CPU_ALLOCATOR_SLACK` of the activations where
+that is more. A fit, not a derivation: the settled excess is glibc heap fragmentation, which follows neither the
+weights nor the activations and depends on the kernels' allocations, so on the CPU class. Fitted on SmolLM2-135M,
+8-12-step runs on AMD Zen 3 (benchmarks/memory_plan.py, 2026-12-08): the excess over the live tensors was 104-412 MiB
+at batch 4 x 256 (full, BAdam, LoRA, QLoRA, with and without checkpointing), 60 and -63 MiB at 4 x 128 (BAdam, LoRA);
+0.35 puts all eight within 12 % (0.75, fitted on the 4 x 256 runs alone, left the 4 x 128 ones at 0.81-0.83).
+docs/BENCHMARKS.md §11 has the rows, and what is known of other classes (Zen 4: less excess still)."""
 
 
 def allocator_plan(device_kind: str, plan: Plan, cpu_allocator: str = "keep") -> Plan:
