@@ -14,17 +14,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from slimtune.backends import cpu as cpu_backend
 from slimtune.config import TrainConfig
 from slimtune.errors import SlimtuneError
-from slimtune.hardware import matmul_peak_flops, pick_device, resolve_precision, synchronize
+from slimtune.hardware import matmul_peak_flops, synchronize
 from slimtune.memory import format_bytes, peak_memory_bytes
-from slimtune.methods.base import OptimizerContext
 from slimtune.models.gpt import GPT, GPTConfig
-from slimtune.parallel import finish_auto_choice, start_strategy
-from slimtune.registry import METHODS
 from slimtune.train.flops import step_flops_per_token
-from slimtune.train.precision import Precision
+from slimtune.train.loop import prepare_model, shard_and_build_optimizer, start_run
+from slimtune.train.workloads import Workload
 
 
 @dataclass
@@ -44,17 +41,26 @@ class BenchResult:
     peak_memory_bytes: int
 
 
-class _SyntheticTokens:
+class _SyntheticTokens(Workload):
     """The workload interface over one fixed batch of random tokens."""
+
+    n_train_examples = 10**6
+    """As in a long run (e.g. BAdam's default switch interval is then its longest)."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor):
         self.batch = (x, y)
+
+    def batch_tokens(self, batch) -> int:
+        return batch[0].numel()
 
     def count_targets(self, batch) -> int:
         return batch[1].numel()
 
     def loss_sum(self, model, batch):
         return model(*batch, reduction="sum")[1]
+
+    def forward_flops_per_token(self, model) -> float:
+        return model.forward_flops_per_token()
 
 
 def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: int = 65) -> BenchResult:
@@ -69,31 +75,29 @@ def run_bench(cfg: TrainConfig, steps: int = 20, warmup: int = 3, vocab_size: in
 
 
 def _run_bench(cfg: TrainConfig, steps: int, warmup: int, vocab_size: int) -> BenchResult:
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
+    """Set up as `slimtune train` does (`slimtune.train.loop.setup`'s steps: the strategy shards the model, builds
+    the optimizer and wraps the forward), without data, checkpoints or logs."""
+    strategy, precision, method = start_run(cfg)
     device = strategy.device
-    precision = Precision(device, resolve_precision(cfg.runtime.precision, device))
-    method = METHODS.get(cfg.method)(cfg)
-    torch.manual_seed(cfg.seed)
-    model = method.prepare(GPT(GPTConfig(vocab_size=vocab_size, **asdict(cfg.gpt))).to(device))
-    strategy = finish_auto_choice(strategy, cfg, method, model)
-    strategy.check(method, model)
-    backend = cpu_backend.apply(model, cfg.runtime, device, strategy.compute_threads)
-    if cfg.runtime.compile:
-        model.compile()
-    optimizer = method.build_optimizer(model, OptimizerContext(device, 10**6, cfg.batch_size, cfg.seed, False))
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randint(0, vocab_size, (cfg.batch_size, cfg.gpt.block_size + 1), generator=g).to(device)
     work = _SyntheticTokens(x[:, :-1].contiguous(), x[:, 1:].contiguous())
-    grad_accum = cfg.optim.grad_accum
-    clip = (lambda: method.clip_grad_norm_(model, optimizer, cfg.optim.grad_clip)) if cfg.optim.grad_clip > 0 else None
+    grad_accum, max_norm = cfg.optim.grad_accum, cfg.optim.grad_clip
     times = []
     try:
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig(vocab_size=vocab_size, **asdict(cfg.gpt)))
+        strategy, model, backend = prepare_model(cfg, model, strategy, method, work)
+        params = model.num_params()
+        flops_per_token = step_flops_per_token(model, work.forward_flops_per_token(model))  # of the whole model
+        model, optimizer = shard_and_build_optimizer(cfg, model, strategy, method, work.n_train_examples,
+                                                     verbose=False)
+        forward_model = strategy.wrap(model)
+        clip = (lambda: method.clip_grad_norm_(model, optimizer, max_norm)) if max_norm > 0 else None
         for i in range(warmup + steps):
             synchronize(device)
             t0 = time.perf_counter()
-            strategy.forward_backward(model, work, [work.batch] * grad_accum, precision)
+            strategy.forward_backward(forward_model, work, [work.batch] * grad_accum, precision)
             strategy.optimizer_step(optimizer, precision, clip)
             synchronize(device)
             if i >= warmup:
@@ -103,10 +107,8 @@ def _run_bench(cfg: TrainConfig, steps: int, warmup: int, vocab_size: int) -> Be
     dt = statistics.median(times)
     tokens = cfg.batch_size * cfg.gpt.block_size * grad_accum
     tok_s = tokens / dt
-    with strategy.evaluating():
-        peak = matmul_peak_flops(device, precision.dtype)
-    flops = step_flops_per_token(model, 2 * model.num_params() + 4 * cfg.gpt.n_layer * cfg.gpt.n_embd
-                                 * cfg.gpt.block_size) * tok_s
+    peak = matmul_peak_flops(device, precision.dtype)  # after teardown: every thread is back in torch's pool
+    flops = flops_per_token * tok_s
     g_ = cfg.gpt
     return BenchResult(
         config=f"gpt.n_layer={g_.n_layer} gpt.n_head={g_.n_head} gpt.n_embd={g_.n_embd} "
@@ -114,7 +116,7 @@ def _run_bench(cfg: TrainConfig, steps: int, warmup: int, vocab_size: int) -> Be
                f"method={cfg.method} strategy={strategy.name} ({strategy.describe()})"
                f"{', ' + backend if backend else ''}",
         device=str(device), dtype=precision.name, threads=torch.get_num_threads(),
-        params=model.num_params(), vocab_size=vocab_size, tokens_per_step=tokens, step_seconds=dt,
+        params=params, vocab_size=vocab_size, tokens_per_step=tokens, step_seconds=dt,
         tokens_per_second=tok_s, flops_per_second=flops, peak_flops=peak, mfu=flops / peak,
         peak_memory_bytes=peak_memory_bytes(device),
     )

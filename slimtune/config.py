@@ -277,7 +277,8 @@ class TrainConfig:
     method (its settings are the section of the same name)."""
     strategy: str = "auto"
     """Where tensors live and how gradients meet: auto (ddp under torchrun, else cpu_shards where it applies, else
-    single), single, ddp, cpu_shards."""
+    single), single, cpu_shards (one process: row shards of each batch on threads), ddp, fsdp, deepspeed or
+    pipeline (several processes, under torchrun; their settings are the section of the same name)."""
     lr: float = 1e-3
     """Peak learning rate, reached after optim.warmup_iters."""
     batch_size: int = 12
@@ -448,13 +449,13 @@ def check_applicable(cfg: TrainConfig, given: set[str], source_of: dict[str, str
                                 f"it or set strategy={section}")
 
 
-def make_config(cls: type, yaml_files: list[str] = (), overrides: list[str] = (), base: dict | None = None):
-    """Build a `cls` instance from defaults, an optional `base` mapping (a checkpoint's config), YAML files and
-    `key=value` overrides. For `TrainConfig`, plug-in sections and renamed keys are handled, and keys that do not
-    apply to the chosen model, method or strategy are errors."""
-    train = cls is TrainConfig
+def make_config(cls: type[TrainConfig], yaml_files: list[str] = (), overrides: list[str] = (),
+                base: dict | None = None) -> TrainConfig:
+    """Build a `TrainConfig` (`cls`) from defaults, an optional `base` mapping (a checkpoint's config), YAML files
+    and `key=value` overrides: plug-in sections and renamed keys are handled, and keys that do not apply to the
+    chosen model, method or strategy are errors."""
     values = default_values(cls)
-    plugins: dict[str, dict] | None = {} if train else None
+    plugins: dict[str, dict] = {}
     given: dict[str, str] = {}
     sources: list[tuple[dict, str]] = []
     for path in yaml_files:
@@ -465,42 +466,39 @@ def make_config(cls: type, yaml_files: list[str] = (), overrides: list[str] = ()
         for part in reversed(parts[1:]):
             nested = {part: nested}
         sources.append(({parts[0]: nested}, "command line"))
-    types_ = plugin_sections() if train else {}
+    types_ = plugin_sections()
     if base:
-        apply_values(_rename_old_keys(base, "checkpoint config") if train else base, cls, values, "",
-                     "checkpoint config", None, plugins, types_)
-    for mapping, source in sources:
-        apply_values(_rename_old_keys(mapping, source) if train else mapping, cls, values, "", source, given, plugins,
+        apply_values(_rename_old_keys(base, "checkpoint config"), cls, values, "", "checkpoint config", None, plugins,
                      types_)
+    for mapping, source in sources:
+        apply_values(_rename_old_keys(mapping, source), cls, values, "", source, given, plugins, types_)
     cfg = build(cls, values)
-    if train:
-        cfg.plugins = {name: build(types_[name], v) for name, v in plugins.items()}
-        check_applicable(cfg, set(given), given)
-        if "num_epochs" in given and "max_iters" in given and cfg.num_epochs is not None:
-            raise SlimtuneError(f"{given['num_epochs']}: num_epochs={cfg.num_epochs:g} and max_iters={cfg.max_iters} "
-                                f"({given['max_iters']}) both set the length of the run; give only one of them")
-        if "log.report_to" in given:
-            from slimtune.train.trackers import check_installed
+    cfg.plugins = {name: build(types_[name], v) for name, v in plugins.items()}
+    check_applicable(cfg, set(given), given)
+    if "num_epochs" in given and "max_iters" in given and cfg.num_epochs is not None:
+        raise SlimtuneError(f"{given['num_epochs']}: num_epochs={cfg.num_epochs:g} and max_iters={cfg.max_iters} "
+                            f"({given['max_iters']}) both set the length of the run; give only one of them")
+    if "log.report_to" in given:
+        from slimtune.train.trackers import check_installed
 
-            check_installed(cfg.log.report_to)
+        check_installed(cfg.log.report_to)
     return cfg
 
 
-def to_dict(cfg) -> dict[str, Any]:
-    """The config as plain nested dicts (what checkpoints and metrics record). For `TrainConfig`, the sections of
-    the chosen method and strategy are included (as top-level sections); sections that do not apply, and max_iters
-    when num_epochs sets the length, are left out."""
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as plain nested dicts (what checkpoints and metrics record): the sections of the chosen method and
+    strategy are included (as top-level sections); sections that do not apply, and max_iters when num_epochs sets
+    the length, are left out."""
     out = {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if not f.metadata.get("internal")}
-    if isinstance(cfg, TrainConfig):
-        if cfg.num_epochs is not None:  # the run derives max_iters from num_epochs; recording both would give both
-            out.pop("max_iters")
-        if cfg.is_gpt:
-            out.pop("hf"), out.pop("dataset")
-        else:
-            out.pop("gpt")
-        for name in (cfg.method, cfg.strategy):
-            if name in plugin_sections():
-                out[name] = plain(cfg.section(name))
+    if cfg.num_epochs is not None:  # the run derives max_iters from num_epochs; recording both would give both
+        out.pop("max_iters")
+    if cfg.is_gpt:
+        out.pop("hf"), out.pop("dataset")
+    else:
+        out.pop("gpt")
+    for name in (cfg.method, cfg.strategy):
+        if name in plugin_sections():
+            out[name] = plain(cfg.section(name))
     return out
 
 

@@ -140,9 +140,9 @@ def export(source: str, out_dir: str, overwrite: bool = False, **options) -> Pat
     method's business (`Method.export_checkpoint`; `options` are its export options, e.g. merge). A checkpoint of
     slimtune's GPT goes to a method that declares `exports_gpt` (bitnet: as transformers' GPTBigCode with BitNet
     layers); the others refuse it."""
-    from slimtune.models.hf import check_export_folder
+    from slimtune.atomic import check_new_folder
 
-    check_export_folder(out_dir, overwrite)
+    check_new_folder(out_dir, overwrite)
     gpt = _gpt_checkpoint(source)
     if gpt is not None:
         method = checkpoint_method(str(gpt))

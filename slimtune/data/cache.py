@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimtune.atomic import write_folder_atomically
 from slimtune.data.examples import DataStats, Example, TokenizedDataset
 from slimtune.errors import SlimtuneError
 
@@ -160,12 +159,6 @@ class TokenCache:
         made = tokenize(writer)
         if not self.write:
             return made
-        tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-        writer.save(tmp, made.stats, made.extra)
-        try:
-            os.replace(tmp, entry)
-        except OSError:
-            if not (entry / "stats.json").is_file():
-                raise
-            shutil.rmtree(tmp)  # another process stored the same entry first: theirs is identical
+        # Another process may store the same entry first: theirs is identical and is kept.
+        write_folder_atomically(entry, lambda tmp: writer.save(tmp, made.stats, made.extra), exist_ok=True)
         return TokenizedDataset(TokenArrays.load(entry, per_example_labels), made.stats, extra=made.extra)

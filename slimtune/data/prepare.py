@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from slimtune.atomic import write_folder_atomically
 from slimtune.data.tokenizer import CharTokenizer, HFTokenizer
 from slimtune.errors import SlimtuneError
 
@@ -142,10 +140,11 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "cha
         raise SlimtuneError(f"the input files ({', '.join(map(str, paths))}) contain no text")
     dtype = token_dtype(tok.vocab_size)
 
-    # Write into a temporary sibling folder, then rename: a crash never leaves a half-written data folder.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    if out_dir.exists() and not (out_dir / "meta.json").is_file():
+        raise SlimtuneError(f"{out_dir} exists and is not a slimtune data folder; choose another --out")
+    meta: dict = {}
+
+    def write(tmp: Path) -> None:
         n_tokens = 0
         with open(tmp / "all.bin", "wb") as f:
             for text in iter_text(paths, progress):
@@ -163,24 +162,19 @@ def prepare(inputs: list[str | Path], out_dir: str | Path, tokenizer: str = "cha
         (tmp / "all.bin").unlink()
         if isinstance(tok, HFTokenizer):
             tok.save(tmp)
-        meta = {
+        meta.update({
             "tokenizer": tok.describe(),
             "vocab_size": tok.vocab_size,
             "dtype": dtype.name,
             "train_tokens": int(n_train),
             "val_tokens": int(n_val),
             "sources": [str(p.resolve()) for p in paths],
-        }
+        })
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-        if out_dir.exists():
-            if not (out_dir / "meta.json").is_file():
-                raise SlimtuneError(f"{out_dir} exists and is not a slimtune data folder; choose another --out")
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    for warning in small_split_warnings(n_train, n_val, val_fraction):
+
+    # A crash never leaves a half-written data folder, and an earlier one is replaced only by a complete one.
+    write_folder_atomically(out_dir, write, replace=True)
+    for warning in small_split_warnings(meta["train_tokens"], meta["val_tokens"], val_fraction):
         print(f"warning: {out_dir}: {warning}", file=sys.stderr)
     return meta
 

@@ -239,7 +239,7 @@ def export_bitnet(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite
     GPTBigCode (`slimtune.quant.gpt_export`)."""
     from safetensors.torch import save_file
 
-    from slimtune.quant.io import write_folder
+    from slimtune.atomic import check_new_folder, write_folder_atomically
     from slimtune.quant.pack import bitnet_quantization_config, export_bitlinear_state
 
     layers = _bitlinears(model)
@@ -277,5 +277,5 @@ def export_bitnet(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(folder)
 
-    return write_folder(Path(out_dir), write, overwrite=overwrite)
+    return write_folder_atomically(check_new_folder(out_dir, overwrite), write, replace=True)
 

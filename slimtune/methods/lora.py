@@ -1,8 +1,9 @@
 """LoRA and QLoRA (method=lora, method=qlora): low-rank adapters on a frozen base, built on `peft`.
 
-peft does the adapter arithmetic (its `LoraConfig`, `get_peft_model`, state-dict helpers); slimtune decides what to
-adapt, keeps checkpoints in peft's own format (`slimtune.methods.lora_adapters`: a checkpoint is an adapter folder,
-so `peft.PeftModel.from_pretrained(base, "out/step-000200")` loads it without slimtune), and rebuilds base + adapter
+peft does the adapter arithmetic (its `LoraConfig`, imported as `PeftLoraConfig` beside this module's `LoraConfig`
+section; `get_peft_model`; state-dict helpers); slimtune decides what to adapt, keeps checkpoints in peft's own
+format (`slimtune.methods.lora_adapters`: a checkpoint is an adapter folder, so
+`peft.PeftModel.from_pretrained(base, "out/step-000200")` loads it without slimtune), and rebuilds base + adapter
 for inference and export. For training, the plain LoRA linear layers get a forward that scales and adds the
 adapter's output in place (`slimtune.methods.peft_patch`): peft's operations on the same values, bit for bit, with
 fewer temporary tensors and so a lower peak.
@@ -78,7 +79,7 @@ def nf4_linears(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
 
 
 @dataclass
-class LoraSection:
+class LoraConfig:
     """Low-rank adapters on a frozen base (method=lora)."""
 
     section: ClassVar[str] = "lora"  # the config section, in error messages
@@ -115,7 +116,7 @@ class LoraSection:
 
 
 @dataclass
-class QloraSection(LoraSection):
+class QloraConfig(LoraConfig):
     """Low-rank adapters on a frozen 4-bit base (method=qlora): every lora.* key, and how the base is stored."""
 
     section: ClassVar[str] = "qlora"
@@ -173,7 +174,7 @@ def _check_lora_keys(section: str, o) -> None:
 class Lora(Method):
     """Adapters train; the base is frozen. Checkpoints hold the adapter only, in peft's format."""
 
-    config_cls = LoraSection
+    config_cls = LoraConfig
     also_reads = ("badam",)  # with lora.badam=true, the badam.* section sets the blocks
 
     def __init__(self, cfg):
@@ -214,7 +215,7 @@ class Lora(Method):
         return peft_model.get_base_model()
 
     def peft_config(self, model: nn.Module):
-        from peft import LoraConfig
+        from peft import LoraConfig as PeftLoraConfig
 
         o = self.options
         saved = list(o.modules_to_save)
@@ -224,10 +225,10 @@ class Lora(Method):
         if not self.cfg.is_gpt and self.cfg.hf.task == "classify":
             saved += [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module) and h not in saved]
         task = None if self.cfg.is_gpt else "SEQ_CLS" if self.cfg.hf.task == "classify" else "CAUSAL_LM"
-        return LoraConfig(task_type=task, r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
-                          target_modules=resolve_targets(model, list(o.target_modules)),
-                          modules_to_save=saved or None, use_rslora=o.use_rslora, use_dora=o.use_dora,
-                          init_lora_weights=INITS[o.init])
+        return PeftLoraConfig(task_type=task, r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                              target_modules=resolve_targets(model, list(o.target_modules)),
+                              modules_to_save=saved or None, use_rslora=o.use_rslora, use_dora=o.use_dora,
+                              init_lora_weights=INITS[o.init])
 
     def _base_path(self) -> str:
         if self.cfg.is_gpt:
@@ -298,11 +299,12 @@ class Lora(Method):
 
     def load_adapter_model(self, source: Path, trust_remote_code: bool = False):
         """(peft model of base + the adapter in `source`, tokenizer), checked against the base it was trained on."""
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
 
         base, tokenizer = self.load_base(source, trust_remote_code)
         check_base(source, base, self.cfg.model)
-        config = LoraConfig.from_pretrained(str(source))
+        config = PeftLoraConfig.from_pretrained(str(source))
         config.inference_mode = True
         model = get_peft_model(base, config)
         load_adapter_weights(model, source)
@@ -319,7 +321,8 @@ class Lora(Method):
         """Without `merge`: the peft adapter folder (adapter + tokenizer). With `merge`: a plain transformers folder
         whose weights are the base (dequantized for QLoRA) plus the adapter's delta, in fp32; with `quantize`
         (nf4 or fp4) too, its linear layers re-quantized to 4 bits (bitsandbytes' format in transformers)."""
-        from slimtune.models.hf import _make_tmp_dir, _save_plain, check_export_folder, replace_folder
+        from slimtune.atomic import check_new_folder, write_folder_atomically
+        from slimtune.models.hf import save_plain
 
         if options:
             raise SlimtuneError(f"method={self.name} has no export option {', '.join(options)}")
@@ -332,21 +335,19 @@ class Lora(Method):
         source, out_dir = Path(source), Path(out_dir)
         if not (source / ADAPTER_CONFIG).is_file():
             raise SlimtuneError(f"{source} holds no {ADAPTER_CONFIG}: not a checkpoint of method={self.name}")
-        check_export_folder(out_dir, overwrite)
-        tmp = _make_tmp_dir(out_dir)
-        try:
+        check_new_folder(out_dir, overwrite)
+
+        def write(tmp: Path) -> None:
             if merge:
                 model, tokenizer = self.load_adapter_model(source)
-                _save_plain(merged_model(model, quantize), tokenizer, tmp)
-            else:
-                for f in source.iterdir():
-                    if f.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT) or f.name.startswith(
-                            ("tokenizer", "special_tokens", "chat_template")):
-                        shutil.copy2(f, tmp / f.name)
-            replace_folder(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                save_plain(merged_model(model, quantize), tokenizer, tmp)
+                return
+            for f in source.iterdir():
+                if f.name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT) or f.name.startswith(
+                        ("tokenizer", "special_tokens", "chat_template")):
+                    shutil.copy2(f, tmp / f.name)
+
+        write_folder_atomically(out_dir, write, replace=True)
         if not merge and self.options.init == "loftq":
             print(f"warning: {out_dir}: this adapter was trained from qlora.init=loftq, so it also corrects the 4-bit "
                   f"rounding of its base: load it over the base quantized the same way ({self.options.quant_type}"
@@ -416,7 +417,7 @@ class Qlora(Lora):
     """LoRA on a base whose frozen linear layers are stored in 4 bits and dequantized one at a time for each
     product. Embeddings, norms and the output head keep their storage dtype."""
 
-    config_cls = QloraSection
+    config_cls = QloraConfig
 
     def compute_dtype(self) -> torch.dtype:
         choice = self.options.compute_dtype

@@ -1,7 +1,8 @@
 """A GPT-2 style language model in one readable file.
 
 Reading order: configuration, causal self-attention, MLP, transformer block, the model (forward, parameter
-count, optimizer groups, FLOPs/MFU, generation). Shapes are written as (B, T, C): batch, time (tokens), channels.
+count, forward FLOPs, generation). Which parameters train and how is the method's business (`slimtune.methods`),
+not the model's. Shapes are written as (B, T, C): batch, time (tokens), channels.
 """
 
 from __future__ import annotations
@@ -160,15 +161,11 @@ class GPT(nn.Module):
         self.config.block_size = block_size
         self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12·L·C·T for attention."""
+    def forward_flops_per_token(self) -> float:
+        """Forward FLOPs per token: 2 per weight of the matmuls (2N) plus 4·L·C·T for attention's score and value
+        products. A training step's count follows from it (`slimtune.train.flops`)."""
         cfg = self.config
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
-        """Model FLOPs utilisation: achieved training FLOP/s over `peak_flops`, the measured peak of this device
-        (see `slimtune.hardware.matmul_peak_flops`), not a datasheet number for some other chip."""
-        return self.flops_per_token() * tokens_per_second / peak_flops
+        return 2 * self.num_params() + 4 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
     def generate(

@@ -22,12 +22,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from slimtune.atomic import check_new_folder, write_folder_atomically
 from slimtune.errors import SlimtuneError
 
 
@@ -171,7 +170,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path):
         raise SlimtuneError(f"transformers cannot load GGUF file {gguf_file}: {exc}") from exc
     st = gguf_file.stat()
     source = {"gguf_file": str(gguf_file.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    _write_atomically(out_dir, lambda tmp: _save_plain(model, tokenizer, tmp, source), exist_ok=True)
+    write_folder_atomically(out_dir, lambda tmp: save_plain(model, tokenizer, tmp, source), exist_ok=True)
     return model, tokenizer
 
 
@@ -199,7 +198,9 @@ def _is_gguf_loaded(model) -> bool:
     return str(getattr(method, "value", method)) == "gguf"
 
 
-def _save_plain(model, tokenizer, folder: Path, source: dict | None = None) -> None:
+def save_plain(model, tokenizer, folder: Path, source: dict | None = None) -> None:
+    """Write `model` and `tokenizer` into `folder` as plain transformers files (a GGUF-loaded model as its plain
+    class), plus where they came from (`source`) when given."""
     if _is_gguf_loaded(model):
         model = plain_copy(model)
     model.save_pretrained(folder, safe_serialization=True)
@@ -207,46 +208,6 @@ def _save_plain(model, tokenizer, folder: Path, source: dict | None = None) -> N
     if source is not None:
         # Self-describing cache entry: where the weights came from. transformers ignores unknown files.
         (folder / "slimtune_source.json").write_text(json.dumps(source, indent=2) + "\n")
-
-
-def _make_tmp_dir(out_dir: Path) -> Path:
-    """A hidden temporary folder next to `out_dir` (same file system, so renaming it into place is atomic)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    # mkdtemp creates the folder private (0700); give the final folder the permissions a plain mkdir would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    return tmp
-
-
-def replace_folder(tmp: Path, out_dir: Path) -> None:
-    """Rename the complete folder `tmp` to `out_dir`, replacing an existing `out_dir` only then."""
-    if out_dir.exists():
-        # Move the old folder aside first: rename cannot replace a non-empty directory.
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
-
-
-def _write_atomically(out_dir: Path, write, exist_ok: bool) -> None:
-    """Call `write(tmp_folder)` then rename the temporary folder to `out_dir`."""
-    tmp = _make_tmp_dir(out_dir)
-    try:
-        write(tmp)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if exist_ok and out_dir.is_dir():  # a concurrent writer finished first; its copy is equivalent
-                shutil.rmtree(tmp)
-                return
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,15 +346,6 @@ def merge_peft(model: torch.nn.Module, in_place: bool = False) -> torch.nn.Modul
     return target.merge_and_unload()
 
 
-def check_export_folder(out_dir: str | Path, overwrite: bool) -> Path:
-    """An export target must be new or empty unless `overwrite` (checked before any model is loaded)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not overwrite:
-        raise SlimtuneError(f"export folder {out_dir} already exists and is not empty; choose another folder "
-                            "or pass --overwrite")
-    return out_dir
-
-
 def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_in_place: bool = False,
                  overwrite: bool = False) -> Path:
     """Write a folder that plain transformers loads, with no slimtune installed, giving the same logits.
@@ -405,16 +357,9 @@ def export_model(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_i
     The folder is written under a temporary name and renamed into place. An existing non-empty `out_dir` is an
     error unless `overwrite=True`, in which case it is replaced only after the new folder is complete.
     """
-    out_dir = check_export_folder(out_dir, overwrite)
+    out_dir = check_new_folder(out_dir, overwrite)
     plain = merge_peft(model, in_place=merge_in_place)
-    tmp = _make_tmp_dir(out_dir)
-    try:
-        _save_plain(plain, tokenizer, tmp)
-        replace_folder(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return write_folder_atomically(out_dir, lambda tmp: save_plain(plain, tokenizer, tmp), replace=True)
 
 
 def write_hf_metadata(model: torch.nn.Module, tokenizer, folder: str | Path) -> None:

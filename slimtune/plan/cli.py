@@ -65,7 +65,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "for the model, 256 for Llama-like models)")
     p.add_argument("--devices", type=int, default=1, help="number of devices")
     p.add_argument("--strategy", default=None,
-                   help="single, ddp, fsdp, zero2, zero3, pipeline (default: single, or ddp on several devices)")
+                   help="single, cpu_shards, ddp, fsdp, deepspeed, zero2, zero3, pipeline (default: single, or ddp on "
+                        "several devices)")
     p.add_argument("--offload", choices=OFFLOAD, default="none",
                    help="move the optimizer state and fp32 gradients (optimizer), and the weights too (params), "
                         "to host memory")

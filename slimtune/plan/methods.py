@@ -1,6 +1,6 @@
 """Bytes of weights, gradients and optimizer state for each training method, and of quantized weights.
 
-Bytes per parameter, as agreed in DESIGN.md ("Memory accounting"), with P parameters and w bytes per stored weight
+Bytes per parameter, as in docs/DESIGN.md ("Memory accounting"), with P parameters and w bytes per stored weight
 (2 for bf16/fp16, 4 for fp32):
 
 - full Adam: fp32 16 (4 weight + 4 gradient + 8 moments); bf16 weights with an fp32 master copy 18
@@ -165,7 +165,7 @@ def badam_state(spec: ModelSpec, weight_dtype: str = "bf16", *, granularity: str
                 include_embedding: bool = False, include_head: bool = False, n_blocks: int | None = None) -> Plan:
     """BAdam (block-coordinate Adam): all weights at ``weight_dtype``, Adam state for the active block only.
 
-    Derivation (DESIGN.md): every parameter is stored once at w bytes (w·M). Only the active block's A parameters
+    Derivation (docs/DESIGN.md): every parameter is stored once at w bytes (w·M). Only the active block's A parameters
     have a gradient and Adam state, kept in fp32 for accurate updates: a 4-byte gradient and two 4-byte moments,
     plus a 4-byte fp32 master copy when the stored weights are 16-bit (an fp32 weight is its own master). So
     bf16: 2M + 16A, fp32: 4M + 12A bytes. With D equal blocks A = M/D, giving the paper's 2M + 16M/D (and

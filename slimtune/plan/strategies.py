@@ -171,35 +171,22 @@ def pipeline_stage(states: Plan, spec: ModelSpec, *, stage: int, n_stages: int, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Strategies the planner knows before slimtune runs them
+# Strategy names the planner knows besides the registered strategies
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _sharded(kind: str):
+def _zero(stage: int):
     def per_device(plan: Plan, spec: ModelSpec, run) -> list[Plan]:
-        if kind == "zero2":
+        if stage == 2:
             return [zero2(plan, run.world_size, weight_dtype=run.weight_dtype)] * run.world_size
-        sharded = zero3 if kind == "zero3" else fsdp
-        return [sharded(plan, run.world_size, spec.largest_unit_params, weight_dtype=run.weight_dtype)] * \
-            run.world_size
+        return [zero3(plan, run.world_size, spec.largest_unit_params, weight_dtype=run.weight_dtype)] * run.world_size
     return per_device
 
 
-def _pipeline(plan: Plan, spec: ModelSpec, run) -> list[Plan]:
-    """One plan per stage (1F1B, ``run.grad_accum`` micro-batches), with activations counted as full fine-tuning
-    keeps them: exact for full, an upper bound for methods that keep less."""
-    states = Plan(parts={key: plan.parts[key] for key in ("weights", "gradients", "optimizer")},
-                  trainable_params=plan.trainable_params)
-    options = run.activation_options()
-    return [pipeline_stage(states, spec, stage=s, n_stages=run.world_size, micro_batch=run.batch, seq=run.seq,
-                           n_microbatches=run.grad_accum, **options) for s in range(run.world_size)]
-
-
 PLANNED_STRATEGIES = {
-    "fsdp": _sharded("fsdp"),
-    "zero2": _sharded("zero2"),
-    "zero3": _sharded("zero3"),
-    "pipeline": _pipeline,
+    "zero2": _zero(2),
+    "zero3": _zero(3),
 }
-"""Strategies that ``slimtune estimate`` plans although slimtune does not run them yet (name → per-device plans from
-a method's single-device plan). A registered strategy of the same name takes over with its own estimate_memory."""
+"""Names that ``slimtune estimate`` plans besides the registered strategies (name → per-device plans from a
+method's single-device plan): DeepSpeed's ZeRO stages, which a run selects as strategy=deepspeed with
+deepspeed.stage=2 or 3."""

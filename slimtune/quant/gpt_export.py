@@ -167,8 +167,8 @@ def export_gpt(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: b
     folder."""
     from safetensors.torch import save_file
 
+    from slimtune.atomic import check_new_folder, write_folder_atomically
     from slimtune.quant.bitnet import BitLinear
-    from slimtune.quant.io import write_folder
     from slimtune.quant.pack import bitnet_quantization_config
 
     gpt_config = _gpt_config(model)
@@ -190,4 +190,4 @@ def export_gpt(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: b
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         hf_tokenizer.save_pretrained(folder)
 
-    return write_folder(Path(out_dir), write, overwrite=overwrite)
+    return write_folder_atomically(check_new_folder(out_dir, overwrite), write, replace=True)

@@ -132,8 +132,8 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, settings: Q
     """
     from safetensors.torch import save_file
 
+    from slimtune.atomic import check_new_folder, write_folder_atomically
     from slimtune.quant import torchao_int8
-    from slimtune.quant.io import write_folder
 
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -157,4 +157,4 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, settings: Q
         tokenizer.save_pretrained(folder)
         (folder / QUANT_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
-    return write_folder(Path(out_dir), write, overwrite=overwrite)
+    return write_folder_atomically(check_new_folder(out_dir, overwrite), write, replace=True)

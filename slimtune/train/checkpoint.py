@@ -46,6 +46,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file, save_model
 
+from slimtune.atomic import fsync_dir, fsync_file
 from slimtune.errors import SlimtuneError
 from slimtune.train.trackers import TRACKER_DIRS
 
@@ -122,24 +123,24 @@ def save_checkpoint(out_dir: str | Path, step: int, write_files: Callable[[Path]
         files = _file_sizes(tmp)
         files.pop(MANIFEST, None)  # a callback must not pre-empt the manifest; it describes the others
         for rel in files:
-            _fsync_file(tmp / rel)
+            fsync_file(tmp / rel)
         # The manifest goes last and is flushed only after the data: its presence means every listed byte is on disk.
         manifest = tmp / MANIFEST
         manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
-        _fsync_file(manifest)
+        fsync_file(manifest)
         for folder in {(tmp / rel).parent for rel in files} | {tmp}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
         if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
             # There is no portable atomic swap of two folders: for a moment the step exists only as `old` (and as
             # the complete `tmp`); `clean_stale_temp_dirs` puts `old` back if we die right here.
             old = out_dir / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.replace(final, old)
             os.replace(tmp, final)
-            _fsync_dir(out_dir)
+            fsync_dir(out_dir)
             shutil.rmtree(old, ignore_errors=True)  # leftovers carry our PID: a later run's cleanup removes them
         else:
             os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,25 +166,6 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             path = Path(root) / name
             sizes[path.relative_to(folder).as_posix()] = path.stat().st_size
     return dict(sorted(sizes.items()))
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes renames and new entries durable. Some platforms (Windows) cannot open a folder: nothing to do there.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. file systems without directory fsync; the data files themselves were fsynced
-    finally:
-        os.close(fd)
 
 
 # --- validating ---------------------------------------------------------------------------------------------------
@@ -445,6 +427,6 @@ def archive_previous_run(out_dir: str | Path) -> Path | None:
             dest = archives / f"run-{stamp}-{n}"
     for p in items:
         os.replace(p, dest / p.name)  # same file system: a rename, no copy
-    _fsync_dir(dest)
-    _fsync_dir(out_dir)
+    fsync_dir(dest)
+    fsync_dir(out_dir)
     return dest

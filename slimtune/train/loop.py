@@ -16,7 +16,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -27,17 +26,18 @@ from slimtune.config import TrainConfig, to_dict
 from slimtune.errors import SlimtuneError
 from slimtune.hardware import describe_precision, known_matmul_peak, pick_device, resolve_precision
 from slimtune.memory import format_bytes, peak_memory_bytes
-from slimtune.methods.base import OptimizerContext
+from slimtune.methods.base import Method, OptimizerContext
 from slimtune.models.build import build_model
 from slimtune.parallel import finish_auto_choice, start_strategy
-from slimtune.plan.run import plan_before_loading, plan_for_run
+from slimtune.parallel.base import Strategy
+from slimtune.plan.run import RunPlan, plan_before_loading, plan_for_run
 from slimtune.train import checkpoint as ckpt_io
 from slimtune.train.flops import step_flops_per_token
 from slimtune.train.logging import MetricsLog, Progress, plot_losses
 from slimtune.train.precision import Precision
 from slimtune.train.schedule import cosine_with_warmup, schedule_warnings
 from slimtune.train.trackers import Trackers
-from slimtune.train.workloads import build_workload
+from slimtune.train.workloads import Workload, build_workload
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Run:
 
     cfg: TrainConfig
     out_dir: Path
-    strategy: Any
-    method: Any
-    workload: Any
+    strategy: Strategy
+    method: Method
+    workload: Workload
     model: torch.nn.Module  # the raw module: weights, checkpoints, evaluation
     forward_model: torch.nn.Module  # what the training forward runs through (e.g. DDP around `model`)
     model_config: dict
@@ -71,7 +71,7 @@ class Run:
     tokens_seen: int = 0
     saved_step: int = -1
     flops_per_token: float = 0.0
-    plan: Any = None  # slimtune.plan.run.RunPlan: predicted peak memory, checked at the end of fit
+    plan: RunPlan | None = None  # predicted peak memory, checked at the end of fit
 
     @property
     def is_main(self) -> bool:
@@ -82,7 +82,7 @@ class Run:
             tqdm.write(text)
 
     def decay_iters(self) -> int:
-        return self.cfg.optim.lr_decay_iters or self.cfg.max_iters
+        return decay_iters(self.cfg)
 
 
 class _StopRequest:
@@ -136,36 +136,24 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def setup(cfg: TrainConfig) -> Run:
     """Processes, model, method, optimizer, and the state of a resumed run; nothing trains yet."""
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
     out_dir = check_out_dir(Path(cfg.out_dir))
-    strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
+    strategy, precision, method = start_run(cfg)
     device = strategy.device
-    precision = Precision(device, resolve_precision(cfg.runtime.precision, device))
-    method = methods.create(cfg)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     workload = build_workload(cfg, strategy.data_rank, strategy.data_world_size, device)
-    if cfg.num_epochs is not None:  # the schedule, the evaluations and the progress bar all follow this length
-        cfg.max_iters = workload.steps_for_epochs(cfg.num_epochs, cfg.optim.grad_accum)
+    apply_num_epochs(cfg, workload)
     plan_before_loading(cfg, workload.model_spec(), method, strategy, precision)  # refuses what cannot fit
     built = build_model(cfg, workload.model_spec(), method.load_options())
-    model = method.prepare(built.model.to(device))
-    strategy = finish_auto_choice(strategy, cfg, method, model)
-    strategy.check(method, model)
-    backend = cpu_backend.apply(model, cfg.runtime, device, strategy.compute_threads)
-    if cfg.runtime.compile:
-        workload.compile(model)
+    strategy, model, backend = prepare_model(cfg, built.model, strategy, method, workload)
     say = tqdm.write if strategy.is_main else (lambda text: None)
     ckpt = find_checkpoint(cfg, out_dir, strategy, built.config, say)
     if ckpt is not None:  # into the whole model, before the strategy shards it
         method.load_weights(model, ckpt)
     plan = plan_for_run(cfg, model, method, strategy, precision)  # before the optimizer state exists
     flops_per_token = step_flops_per_token(model, workload.forward_flops_per_token(model))  # of the whole model
-    model = strategy.shard(model, method)
-    ctx = OptimizerContext(device, workload.n_train_examples,
-                           cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size, cfg.seed, strategy.is_main)
-    optimizer = strategy.build_optimizer(method, model, ctx)
+    model, optimizer = shard_and_build_optimizer(cfg, model, strategy, method, workload.n_train_examples,
+                                                 verbose=strategy.is_main)
     plan.settle_baseline()
     torch.manual_seed(cfg.seed + strategy.rank)  # dropout masks differ per rank
 
@@ -178,16 +166,68 @@ def setup(cfg: TrainConfig) -> Run:
     _log_events(run, [{**run.plan.event(), "step": run.step}])  # a resumed run's records replace those after it
     run.forward_model = strategy.wrap(model)
     run.flops_per_token = flops_per_token
-    o = cfg.optim
-    if o.decay_lr:
-        for warning in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters, run.decay_iters()):
-            run.say(f"warning: {warning}")
+    for warning in lr_schedule_warnings(cfg):
+        run.say(f"warning: {warning}")
     run.say(f"model: {built.description}; {workload.describe()} | {method.describe(model, optimizer)} | "
             f"strategy {strategy.name}: {strategy.describe()} | device {device}, "
             f"{describe_precision(cfg.runtime.precision, device, precision.dtype)}"
-            f"{' | ' + backend if backend else ''} | "
-            f"{cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size} sequences/step")
+            f"{' | ' + backend if backend else ''} | {sequences_per_step(cfg, strategy)} sequences/step")
     return run
+
+
+def start_run(cfg: TrainConfig) -> tuple[Strategy, Precision, Method]:
+    """The run's thread count, its processes (the strategy, set up: this rank's device), precision and method."""
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
+    strategy = start_strategy(cfg, pick_device(cfg.runtime.device))
+    precision = Precision(strategy.device, resolve_precision(cfg.runtime.precision, strategy.device))
+    return strategy, precision, methods.create(cfg)
+
+
+def prepare_model(cfg: TrainConfig, model: torch.nn.Module, strategy: Strategy, method: Method,
+                  workload: Workload) -> tuple[Strategy, torch.nn.Module, str]:
+    """The loaded `model` on this rank's device with the method's changes, the strategy settled for it (`auto`
+    chooses once the model exists) and checked, the CPU backend applied and, if asked, the loss compiled. Returns
+    (strategy, model, the backend's description)."""
+    model = method.prepare(model.to(strategy.device))
+    strategy = finish_auto_choice(strategy, cfg, method, model)
+    strategy.check(method, model)
+    backend = cpu_backend.apply(model, cfg.runtime, strategy.device, strategy.compute_threads)
+    if cfg.runtime.compile:
+        workload.compile(model)
+    return strategy, model, backend
+
+
+def shard_and_build_optimizer(cfg: TrainConfig, model: torch.nn.Module, strategy: Strategy, method: Method,
+                              n_train_examples: int, verbose: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The part of the whole, prepared `model` that this rank trains, and its optimizer: built after sharding, from
+    what the strategy returns, so that it holds this rank's parameters only."""
+    model = strategy.shard(model, method)
+    ctx = OptimizerContext(strategy.device, n_train_examples, sequences_per_step(cfg, strategy), cfg.seed, verbose)
+    return model, strategy.build_optimizer(method, model, ctx)
+
+
+def sequences_per_step(cfg: TrainConfig, strategy: Strategy) -> int:
+    """Sequences in one optimizer step over all model replicas."""
+    return cfg.batch_size * cfg.optim.grad_accum * strategy.data_world_size
+
+
+def apply_num_epochs(cfg: TrainConfig, workload: Workload) -> None:
+    """num_epochs, when given, sets max_iters from the workload's data; the schedule, the evaluations, the planner
+    and the progress bar all read max_iters, so this runs as soon as the workload exists."""
+    if cfg.num_epochs is not None:
+        cfg.max_iters = workload.steps_for_epochs(cfg.num_epochs, cfg.optim.grad_accum)
+
+
+def decay_iters(cfg: TrainConfig) -> int:
+    """The length of the cosine decay: optim.lr_decay_iters, else the whole run."""
+    return cfg.optim.lr_decay_iters or cfg.max_iters
+
+
+def lr_schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """What the run's learning-rate schedule does that a short run does not expect (nothing without decay)."""
+    o = cfg.optim
+    return schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters, decay_iters(cfg)) if o.decay_lr else []
 
 
 def dry_run(cfg: TrainConfig) -> str:
@@ -197,35 +237,33 @@ def dry_run(cfg: TrainConfig) -> str:
 
     from slimtune.models.hf import resolve_model
 
-    out_dir = Path(cfg.out_dir)
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists() or p == Path(p.anchor or "."))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SlimtuneError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
-    if existing.exists() and (not existing.is_dir() or not os.access(existing, os.W_OK)):
-        raise SlimtuneError(f"out_dir={out_dir} cannot be created or written ({existing} is not a writable folder)")
+    out_dir = check_out_dir(Path(cfg.out_dir), create=False)
     if not cfg.is_gpt:
         resolve_model(cfg.model)
     ckpt = ckpt_io.resolve_resume(cfg.resume, out_dir, warn=lambda text: None)
     workload = build_workload(cfg, 0, 1, torch.device("cpu"), write_cache=False)
-    if cfg.num_epochs is not None:
-        cfg.max_iters = workload.steps_for_epochs(cfg.num_epochs, cfg.optim.grad_accum)
+    apply_num_epochs(cfg, workload)
     method = methods.create(cfg)
     lines = ["resolved config:", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "",
              f"data: {workload.describe()}",
              f"method: {method.name}; strategy: {cfg.strategy}",
              f"start: {'resume from ' + str(ckpt) if ckpt else 'fresh'} (out_dir {out_dir})",
              f"length: {cfg.max_iters} steps" + (f" (num_epochs={cfg.num_epochs:g})" if cfg.num_epochs else "")]
-    o = cfg.optim
-    if o.decay_lr:
-        lines += [f"warning: {w}" for w in schedule_warnings(cfg.max_iters, cfg.lr, o.min_lr, o.warmup_iters,
-                                                              o.lr_decay_iters or cfg.max_iters)]
+    lines += [f"warning: {w}" for w in lr_schedule_warnings(cfg)]
     return "\n".join(lines + ["dry run: everything resolved; nothing was trained or written"])
 
 
-def check_out_dir(out_dir: Path) -> Path:
-    """out_dir must be a folder this process can write, checked before any work."""
+def check_out_dir(out_dir: Path, create: bool = True) -> Path:
+    """out_dir must be a folder this process can write, checked before any work. With `create=False` (a dry run)
+    nothing is created or written: the nearest existing folder on its path must be writable."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SlimtuneError(f"out_dir={out_dir} is a file, not a folder; choose another out_dir")
+    if not create:
+        existing = next(p for p in (out_dir, *out_dir.parents) if p.exists() or p == Path(p.anchor or "."))
+        if existing.exists() and (not existing.is_dir() or not os.access(existing, os.W_OK)):
+            raise SlimtuneError(f"out_dir={out_dir} cannot be created or written ({existing} is not a writable "
+                                f"folder)")
+        return out_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write-test-{os.getpid()}"

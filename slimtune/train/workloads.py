@@ -155,8 +155,7 @@ class LMWorkload(Workload):
             w.load_state_dict(start)
 
     def forward_flops_per_token(self, model) -> float:
-        c = model.config
-        return 2 * model.num_params() + 4 * c.n_layer * c.n_embd * c.block_size
+        return model.forward_flops_per_token()
 
     def state_dict(self) -> dict:
         return self.windows.state_dict()

@@ -122,8 +122,22 @@ def test_bad_input_is_one_clear_message(files, name, capsys):
     assert message in captured.err, captured.err
 
 
-def test_there_are_at_least_thirty_cases():
-    assert len(CASES) >= 30
+class _AnyPath(dict):
+    """Stands in for the `files` fixture: every input a case names, as a path that does not exist."""
+
+    def __missing__(self, key: str) -> Path:
+        return Path("/nonexistent") / key
+
+
+def test_every_case_runs_a_verb_and_expects_a_specific_message():
+    """The table itself, so that the test above cannot pass vacuously: at least thirty error cases, each running a
+    real verb and expecting a specific text (an empty one would match any error); the warning case is the only one
+    without."""
+    for name, (make_args, message) in CASES.items():
+        assert str(make_args(_AnyPath())[0]) in cli.COMMANDS, name
+        assert message is None or (isinstance(message, str) and len(message.strip()) >= 4), name
+    assert [name for name, (_, message) in CASES.items() if message is None] == ["gpt data too short"]
+    assert sum(message is not None for _, message in CASES.values()) >= 30
 
 
 def test_an_unexpected_exception_is_a_short_message_and_a_saved_traceback(tmp_path, capsys, monkeypatch):

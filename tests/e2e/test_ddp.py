@@ -64,9 +64,11 @@ def assert_same_losses(a: Path, b: Path, steps: int) -> None:
     """Runs `a` and `b` logged the same train losses for steps 1..steps and the same evaluations (within 1e-5)."""
     x, y = records(a, "train"), records(b, "train")
     assert [r["step"] for r in x] == [r["step"] for r in y] == list(range(1, steps + 1))
-    for r, s in zip(x, y):
+    for r, s in zip(x, y, strict=True):
         assert r["loss"] == pytest.approx(s["loss"], abs=1e-5, rel=0)
-    for r, s in zip(records(a, "eval"), records(b, "eval"), strict=True):
+    evals = records(a, "eval")
+    assert evals, f"{a} logged no evaluation to compare"
+    for r, s in zip(evals, records(b, "eval"), strict=True):
         assert r["val_loss"] == pytest.approx(s["val_loss"], abs=1e-5, rel=0)
 
 
@@ -95,10 +97,12 @@ def test_two_processes_equal_one_process_on_the_whole_batch(char_data, tmp_path)
     ddp, one = tmp_path / "ddp", tmp_path / "one"
     a, b = records(ddp, "train"), records(one, "train")
     assert [r["step"] for r in a] == [1, 2, 3, 4, 5, 6]
-    for x, y in zip(a, b):  # 2 x 2 sequences per step = 4 sequences per step, the same rows in the same order
+    for x, y in zip(a, b, strict=True):  # 2 x 2 sequences per step = 4 sequences per step, the same rows in order
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5, rel=0)
         assert x["tokens"] == y["tokens"] == x["step"] * 4 * 32
-    for x, y in zip(records(ddp, "eval"), records(one, "eval")):
+    evals = records(ddp, "eval")
+    assert [r["step"] for r in evals] == [3, 6]
+    for x, y in zip(evals, records(one, "eval"), strict=True):
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5, rel=0)
     # Only rank 0 writes: one metrics file, one set of checkpoints, one model line.
     assert sorted(p.name for p in ddp.iterdir() if p.name.startswith("step-")) == ["step-000003", "step-000006"]

@@ -7,6 +7,7 @@ from badam_helpers import tiny_bert_classifier, tiny_gpt2, tiny_llama
 
 from slimtune.errors import SlimtuneError
 from slimtune.methods.blocks import auto_block_prefixes, default_switch_every
+from slimtune.models.gpt import GPT, GPTConfig
 
 
 def test_llama_layers_with_embedding_and_head():
@@ -81,7 +82,6 @@ def test_default_switch_every_rule():
 
 
 def test_slimtune_gpt_gets_one_block_per_layer():
-    gpt = pytest.importorskip("slimtune.models.gpt")
-    model = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     assert auto_block_prefixes(model.named_parameters(), include_embedding=True, include_lm_head=True) == [
         ["transformer.wte.", "transformer.wpe."], ["transformer.h.0."], ["transformer.h.1."], ["transformer.ln_f."]]

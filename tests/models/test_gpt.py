@@ -91,11 +91,15 @@ def test_crop_block_size_and_too_long_input():
         model.crop_block_size(32)
 
 
-def test_estimate_mfu_uses_given_peak():
+def test_forward_flops_are_two_per_weight_plus_attention_and_the_step_count_builds_on_them():
+    from slimtune.train.flops import step_flops_per_token
+
     model = tiny()
-    fpt = model.flops_per_token()
-    assert fpt == 6 * model.num_params() + 12 * 2 * 32 * 16
-    assert model.estimate_mfu(tokens_per_second=1000, peak_flops=fpt * 2000) == pytest.approx(0.5)
+    fwd = model.forward_flops_per_token()
+    assert fwd == 2 * model.num_params() + 4 * 2 * 32 * 16
+    # Everything trains: the forward, the same again for the input gradients, 2 per weight for the weight gradients.
+    n_all = sum(p.numel() for p in model.parameters())
+    assert step_flops_per_token(model, fwd) == pytest.approx(2 * fwd + 2 * n_all)
 
 
 def test_bad_head_count():

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import save_model
 from tests.tiny_hf import one_torch_thread, save_tiny_bert, save_tiny_llama, tiny_llama, tiny_tokenizer  # noqa: F401
 
 import slimtune.models.hf as hf  # noqa: E402
+from slimtune.atomic import write_folder_atomically  # noqa: E402
 from slimtune.data.batches import InstructionBatches, eval_batches  # noqa: E402
 from slimtune.data.classify import load_classification_data  # noqa: E402
 from slimtune.errors import SlimtuneError  # noqa: E402
@@ -86,7 +86,7 @@ def test_gguf_cache_is_keyed_by_file_and_converted_once(tmp_path, monkeypatch):
 
     def fake_convert(src, out_dir):  # the real conversion runs on SmolLM2 in tests/integration
         calls.append(src)
-        hf._write_atomically(Path(out_dir), lambda tmp: (tmp / "config.json").write_text("{}"), exist_ok=True)
+        write_folder_atomically(out_dir, lambda tmp: (tmp / "config.json").write_text("{}"), exist_ok=True)
 
     monkeypatch.setattr(hf, "convert_gguf", fake_convert)
     first = hf.resolve_model(gguf)
@@ -95,21 +95,6 @@ def test_gguf_cache_is_keyed_by_file_and_converted_once(tmp_path, monkeypatch):
     assert hf.resolve_model(gguf) == first and len(calls) == 1  # cached
     os.utime(gguf, ns=(1, 1))  # the file changed: a new cache entry
     assert hf.resolve_model(gguf) != first and len(calls) == 2
-
-
-def test_atomic_write_leaves_nothing_behind_on_a_crash(tmp_path):
-    target = tmp_path / "cache" / "entry"
-
-    def crash(tmp):
-        (tmp / "config.json").write_text("{}")
-        raise RuntimeError("killed mid-write")
-
-    with pytest.raises(RuntimeError):
-        hf._write_atomically(target, crash, exist_ok=True)
-    assert not target.exists() and list(target.parent.iterdir()) == []
-    hf._write_atomically(target, lambda tmp: (tmp / "a").write_text("1"), exist_ok=True)
-    hf._write_atomically(target, lambda tmp: (tmp / "b").write_text("2"), exist_ok=True)  # lost race: keep first
-    assert sorted(p.name for p in target.iterdir()) == ["a"] and len(list(target.parent.iterdir())) == 1
 
 
 # --- loading ---------------------------------------------------------------------------------------------------

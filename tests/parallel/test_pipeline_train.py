@@ -37,7 +37,9 @@ def test_pipeline_trains_like_one_process_and_resumes(char_data, tmp_path):
     assert list(a) == [1, 2, 3, 4]
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-5, rel=0)
-    for x, y in zip(records(pipelined, "eval"), records(one, "eval")):
+    evals = records(pipelined, "eval")
+    assert [r["step"] for r in evals] == [2, 4]
+    for x, y in zip(evals, records(one, "eval"), strict=True):
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-5, rel=0)
     assert [r["tokens"] for r in records(pipelined, "train")] == [r["tokens"] for r in records(one, "train")]
 
