@@ -2,18 +2,40 @@
 
 A class registers itself where it is defined, with a decorator; nothing else in slimtune keeps a list of names or
 branches on them. An unknown name is an error that lists the registered ones.
+
+Plug-ins outside slimtune: the environment variable `SLIMTUNE_PLUGINS=package.module[,other.module]` names modules
+that are imported, after slimtune's own, the first time a registry is read; each registers its classes as
+slimtune's modules do (`@METHODS.register("mine")`). Then `slimtune train method=mine` works like a built-in name,
+also in the processes a launcher starts (torchrun passes the environment on). It is an environment variable rather
+than a config key because the config is parsed through the registries: a plug-in's section must be known first.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import pkgutil
 from typing import Callable, Generic, TypeVar
 
 from slimtune.errors import SlimtuneError
 
 T = TypeVar("T")
+
+PLUGINS_ENV = "SLIMTUNE_PLUGINS"
+"""Environment variable: comma-separated modules that register plug-ins (see the module docstring)."""
+
+
+def import_plugin_modules() -> list[str]:
+    """Import the modules `SLIMTUNE_PLUGINS` names (already imported ones are not run again); returns their names."""
+    names = [name.strip() for name in os.environ.get(PLUGINS_ENV, "").split(",") if name.strip()]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SlimtuneError(f"{PLUGINS_ENV} names the module {name!r}, which cannot be imported ({exc}): make it "
+                                f"importable (installed, or on PYTHONPATH), or remove it from {PLUGINS_ENV}") from None
+    return names
 
 
 class Registry(Generic[T]):
@@ -50,6 +72,7 @@ class Registry(Generic[T]):
             package = importlib.import_module(self._package)
             for info in pkgutil.iter_modules(package.__path__):
                 importlib.import_module(f"{self._package}.{info.name}")
+            import_plugin_modules()
 
     def names(self) -> list[str]:
         self._load_builtins()

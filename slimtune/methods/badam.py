@@ -58,6 +58,7 @@ class BAdam(Method):
     config_cls = BadamConfig
     fixed_trainable_set = False  # the active block changes at every switch
     grads_in_param_grad = False  # low-precision weights accumulate into fp32 buffers through hooks
+    torch_optimizer_state = False  # BlockOptimizer's state dict: keyed by parameter name, the active block's only
 
     def build_optimizer(self, model: nn.Module, ctx: OptimizerContext) -> BlockOptimizer:
         o, b = self.cfg.optim, self.options
@@ -76,6 +77,12 @@ class BAdam(Method):
 
     def clip_grad_norm_(self, model, optimizer: BlockOptimizer, max_norm: float) -> torch.Tensor:
         return optimizer.clip_grad_norm_(max_norm)  # bf16 weights keep their gradients in fp32 buffers
+
+    def hand_updates_to_engine(self, optimizer: BlockOptimizer) -> None:
+        optimizer.hand_updates_to_engine()  # fp32 masters of 16-bit weights: the engine's, for the active block
+
+    def count_engine_step(self, optimizer: BlockOptimizer) -> None:
+        optimizer.count_step()  # may switch block; after_step then reports it
 
     def on_start(self, step: int, optimizer: BlockOptimizer) -> list[dict]:
         return self.after_step(step, optimizer)

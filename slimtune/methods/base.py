@@ -12,16 +12,38 @@ order and never asks which method is running:
     after_step(step, optimizer)    events such as BAdam's block switch, as metrics records with a message
     step_metrics(optimizer)        numbers for the metrics log (e.g. optimizer-state bytes)
     save_weights / load_weights    what a checkpoint stores (full weights, or only adapters)
-    state_dict / load_state_dict   method state beyond the optimizer's own, for exact resume
+    state_dict / load_state_dict   method state beyond the optimizer's own, for exact resume; on resume it is
+                                   loaded before the optimizer's state, so what trains is already as it was saved
     load_for_inference(source)     (model, tokenizer) of a checkpoint it wrote, for chat/generate/eval
     export_checkpoint(source, out) a folder other tools load (merged, dequantized, packed)
     describe(model, optimizer)     one line for the log: trainable parameters, optimizer state vs its formula
     estimate_memory(spec, run)     peak bytes per part on one device (slimtune.plan), for the planner
 
 Capabilities that strategies check (class attributes, which a method may set per instance from its options):
-`fixed_trainable_set` (the set of parameters with gradients never changes during a run; DDP needs it) and
-`grads_in_param_grad` (gradients are plain `.grad` accumulations, with no hooks that act on them; batch shards on
-threads need it).
+
+    fixed_trainable_set    True: the set of parameters with gradients never changes during a run. False: it
+                           changes (BAdam's block switch); the method changes `requires_grad` and reports the
+                           change as an event of `after_step`, after which strategies that fix the set when they
+                           wrap or build an engine (DDP, DeepSpeed) rebuild them; a pipeline refuses such a method.
+    grads_in_param_grad    True: gradients are plain `.grad` accumulations, with no hooks that act on them (batch
+                           shards on threads, a pipeline, and DDP with 16-bit weights need it).
+    torch_optimizer_state  True: the optimizer's state dict is torch's own (`torch.optim.Optimizer.state_dict`:
+                           per-parameter state by position in the param groups), which FSDP saves sharded with
+                           torch.distributed.checkpoint. False: a format of its own (BAdam's, keyed by parameter
+                           name), which FSDP gathers whole into optimizer.pt and hands back to `load_state_dict`.
+
+Hooks for an engine that updates the weights itself (DeepSpeed holds the gradients, fp32 masters and optimizer
+state). For a method whose trainable set changes, the engine steps an AdamW with the method's optimizer's param
+groups over what trains, built anew at every change (so moments restart then, as BAdam's do); the strategy calls
+
+    hand_updates_to_engine(optimizer)   once, after build_optimizer: from now on the method's optimizer only picks
+                                        what trains (its param groups give the hyperparameters and the lr); it is
+                                        never stepped, and keeps no gradients, masters or hooks of its own
+    count_engine_step(optimizer)        after every step the engine made in its place, before after_step: count it
+                                        (and change what trains, if it is time)
+
+Both do nothing by default: enough for a method that keeps its schedule itself and changes `requires_grad` in
+`after_step`. BAdam hands both to its BlockOptimizer, which schedules the blocks and counts the steps.
 """
 
 from __future__ import annotations
@@ -121,6 +143,7 @@ class Method:
     config_cls: ClassVar[type | None] = None
     fixed_trainable_set: bool = True
     grads_in_param_grad: bool = True
+    torch_optimizer_state: bool = True
     also_reads: ClassVar[tuple[str, ...]] = ()
     """Config sections of other plug-ins this method reads (e.g. lora reads badam.* when lora.badam=true)."""
 
@@ -146,6 +169,16 @@ class Method:
     def clip_grad_norm_(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
         params = [p for p in model.parameters() if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def hand_updates_to_engine(self, optimizer: torch.optim.Optimizer) -> None:
+        """An engine (DeepSpeed) updates what trains from now on, with gradients, fp32 masters and optimizer state of
+        its own; `optimizer` only decides what trains and is never stepped. Called once, after `build_optimizer`,
+        for a method whose trainable set changes. Nothing to do by default."""
+
+    def count_engine_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The engine made one optimizer step in place of `optimizer.step()` (see `hand_updates_to_engine`): count
+        it, as `optimizer.step()` would have (a schedule that switches what trains switches here). Nothing to do by
+        default: `after_step` sees every step either way."""
 
     def on_start(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
         """Events before the first step of a run (or of a resumed run), like `after_step`'s."""

@@ -183,7 +183,8 @@ class Lora(Method):
         if self.options.badam:
             # BAdam over the adapters: its block optimizer trains only `lora_` parameters of the active block.
             self._blocks = BAdam(cfg)
-            self.fixed_trainable_set, self.grads_in_param_grad = BAdam.fixed_trainable_set, BAdam.grads_in_param_grad
+            for capability in ("fixed_trainable_set", "grads_in_param_grad", "torch_optimizer_state"):
+                setattr(self, capability, getattr(BAdam, capability))
         elif cfg.section("badam") != type(cfg.section("badam"))():
             raise SlimtuneError(f"badam.* keys apply to method={self.name} only with {self.name}.badam=true (adapters "
                                 f"trained block by block); set {self.name}.badam=true or remove them")
@@ -249,6 +250,14 @@ class Lora(Method):
         if self._blocks is not None:
             return self._blocks.clip_grad_norm_(model, optimizer, max_norm)
         return super().clip_grad_norm_(model, optimizer, max_norm)
+
+    def hand_updates_to_engine(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._blocks is not None:
+            self._blocks.hand_updates_to_engine(optimizer)
+
+    def count_engine_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._blocks is not None:
+            self._blocks.count_engine_step(optimizer)
 
     def on_start(self, step: int, optimizer: torch.optim.Optimizer) -> list[dict]:
         return self._blocks.on_start(step, optimizer) if self._blocks is not None else []

@@ -47,7 +47,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         lora_only: train only LoRA adapter parameters inside blocks; None (default) turns this on when any
             parameter name has a ``lora_`` component (peft).
         log_fn: where messages go (default: ``logging.getLogger('slimtune.badam').info``).
-        ds_zero3_enabled: accepted for badam compatibility; DeepSpeed ZeRO-3 is not supported here.
+        ds_zero3_enabled: accepted for badam compatibility; True is refused. BAdam runs under DeepSpeed ZeRO-2/3
+            through slimtune's trainer (``strategy=deepspeed method=badam``), which builds the engine itself.
 
     Mixed precision: a bf16/fp16 parameter of the active block gets an fp32 master copy; its gradient of every
     micro-batch is added into an fp32 buffer (the master's ``.grad``) by a post-accumulate-grad hook, so gradient
@@ -83,8 +84,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise SlimtuneError(f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}.")
         if ds_zero3_enabled:
-            raise SlimtuneError("ds_zero3_enabled=True is not supported by slimtune.BlockOptimizer yet: train BAdam in "
-                                "one process (strategy=single).")
+            raise SlimtuneError("ds_zero3_enabled=True is not supported by slimtune.BlockOptimizer yet: to train BAdam "
+                                "under DeepSpeed ZeRO-2/3, use slimtune's trainer, which runs the engine itself: "
+                                "torchrun --nproc_per_node=N -m slimtune train ... method=badam strategy=deepspeed "
+                                "(deepspeed.stage=3 for ZeRO-3).")
         check_positive_int("switch_block_every", switch_block_every)
         check_choice("switch_mode", switch_mode, SWITCH_MODES)
         check_choice("granularity", granularity, GRANULARITIES)

@@ -24,6 +24,12 @@ with its own config section. The loop calls, in this order:
                                    strategies gather it first); per-rank shards may go beside it
     teardown()
 
+Capabilities (class attributes a strategy declares; methods declare theirs, see `slimtune.methods.base`):
+
+    follows_trainable_changes   True: `on_trainable_change` follows a method whose trainable set changes during
+                                the run (`Method.fixed_trainable_set` False), e.g. by wrapping the model again.
+                                False: what trains is fixed once set up, and `check` refuses such a method.
+
 This base class is the single-process behaviour; `single` is exactly it.
 """
 
@@ -42,6 +48,8 @@ class Strategy:
     config_cls: ClassVar[type | None] = None
     compute_threads: int | None = None
     """Threads one product runs on (None: torch's setting); kernel choices are timed at this count."""
+    follows_trainable_changes: ClassVar[bool] = True
+    """Whether `on_trainable_change` follows a method whose trainable set changes (see the module docstring)."""
 
     def __init__(self, cfg):
         self.cfg = cfg

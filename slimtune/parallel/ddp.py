@@ -7,7 +7,8 @@ whole global batch (counted on every rank and summed before backward), so N proc
 same gradients as one process on N x B.
 
 DDP fixes the parameters it averages when it wraps the model; a method that changes them (BAdam switching blocks)
-gets the model wrapped again after each change (`on_trainable_change`).
+gets the model wrapped again after each change (`on_trainable_change`). A subclass that wraps the model otherwise
+follows such changes in its own `on_trainable_change`, or declares `follows_trainable_changes = False`.
 """
 
 from __future__ import annotations
@@ -42,8 +43,7 @@ class DDP(Strategy):
         return device
 
     def check(self, method, model: nn.Module) -> None:
-        if not method.fixed_trainable_set and type(self).wrap is not DDP.wrap:
-            # `on_trainable_change` re-wraps with DDP's own wrap; a subclass that wraps otherwise cannot follow.
+        if not method.fixed_trainable_set and not self.follows_trainable_changes:
             raise SlimtuneError(
                 f"method={method.name} cannot run under strategy={self.name}: it changes which parameters train "
                 f"during the run, and strategy={self.name} fixes them when it wraps the model. Use strategy=ddp or "

@@ -15,10 +15,11 @@ gradients and optimizer state over the ranks, ZeRO-3 the weights too; `deepspeed
   because ZeRO averages over the ranks) and back-propagated with `engine.backward(..., scale_wrt_gas=False)`, so
   N ranks on batch_size B give one process's gradients on N x B. DeepSpeed counts micro-batches itself: every
   micro-batch ends with `engine.step()`, which updates only at the last one.
-- A trainable set that changes (BAdam): the method's optimizer only schedules blocks (`hand_updates_to_engine`,
-  `count_step`); the engine is rebuilt through `deepspeed.initialize` with a fresh AdamW over the active block at
-  every switch, so gradients, fp32 partitions (bf16 weights' masters too) and moments exist only for that block,
-  sharded 1/N: BAdam's (2M + 16M/D)/N. No private DeepSpeed state is touched.
+- A trainable set that changes (`method.fixed_trainable_set` False, e.g. BAdam): the method's optimizer only picks
+  what trains (the Method hooks `hand_updates_to_engine` and `count_engine_step`); the engine is rebuilt through
+  `deepspeed.initialize` with a fresh AdamW over what trains now after every change, so gradients, fp32 partitions
+  (bf16 weights' masters too) and moments exist only for that set, sharded 1/N: BAdam's (2M + 16M/D)/N. No private
+  DeepSpeed state is touched.
 - Evaluation under ZeRO-3 runs on a plain whole copy of the model (DeepSpeed's forward is collective, and ranks may
   hold different numbers of evaluation batches).
 - Checkpoints: DeepSpeed's own `save_checkpoint` / `load_checkpoint` write every rank's shards into the
@@ -128,8 +129,8 @@ class DeepSpeed(DDP):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.engine = None
-        self._method_optimizer = None
-        self._schedules_blocks = False  # the method's optimizer only picks the trainable set (BAdam)
+        self._method = self._method_optimizer = None
+        self._set_changes = False  # the method changes what trains: its optimizer only picks it (BAdam)
         self._ds_config: dict = {}
         self._eval_model = None  # ZeRO-3: a plain whole copy while evaluating
         self._user_config = self._read_user_config()
@@ -180,7 +181,7 @@ class DeepSpeed(DDP):
         if resolve_precision(self.cfg.runtime.precision, self.device) == torch.float16:
             raise SlimtuneError("runtime.precision=fp16 needs loss scaling, which strategy=deepspeed does not add to "
                                 "slimtune's; use runtime.precision=bf16 or fp32")
-        self._schedules_blocks = not method.fixed_trainable_set
+        self._method, self._set_changes = method, not method.fixed_trainable_set
         self._ds_config = self._config(bf16=dtypes == {torch.bfloat16})
 
     def _config(self, bf16: bool) -> dict:
@@ -227,20 +228,20 @@ class DeepSpeed(DDP):
     def build_optimizer(self, method, model: nn.Module, ctx) -> torch.optim.Optimizer:
         self._model = model
         self._method_optimizer = optimizer = method.build_optimizer(model, ctx)
-        if self._schedules_blocks:
-            optimizer.hand_updates_to_engine()  # fp32 masters of bf16 weights: DeepSpeed's, for the active block
+        if self._set_changes:
+            method.hand_updates_to_engine(optimizer)  # fp32 masters of bf16 weights: DeepSpeed's, for what trains
         self._initialize()
         return optimizer
 
     def _initialize(self) -> None:
-        """(Re)build the engine over the parameters that train now. The first time it is the method's optimizer;
-        for a block schedule, a fresh AdamW over the active block, with its groups' hyperparameters."""
+        """(Re)build the engine over the parameters that train now. For a fixed trainable set it is the method's
+        optimizer; for one that changes, a fresh AdamW over what trains now, with its groups' hyperparameters."""
         deepspeed = import_deepspeed()
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
         self._engine_trainable = self._trainable_names()
-        if self._schedules_blocks:
+        if self._set_changes:
             groups = [{**{k: v for k, v in g.items() if k != "params"},
                        "params": [p for p in g["params"] if p.requires_grad]}
                       for g in self._method_optimizer.param_groups]
@@ -290,8 +291,8 @@ class DeepSpeed(DDP):
             for group, lr in zip(self._client.param_groups, lrs):
                 group["lr"] = lr
         self.engine.step()
-        if self._schedules_blocks:
-            optimizer.count_step()  # may switch block: `on_trainable_change` then rebuilds the engine
+        if self._set_changes:
+            self._method.count_engine_step(optimizer)  # may change what trains: `on_trainable_change` then rebuilds
         return self.engine.get_global_grad_norm()
 
     def on_trainable_change(self, model: nn.Module, forward_model: nn.Module) -> nn.Module:
@@ -342,12 +343,13 @@ class DeepSpeed(DDP):
         return state if self.is_main else None
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        # Adam's state is in DeepSpeed's checkpoint (save_shards); a block schedule keeps its own here.
-        return optimizer.state_dict() if self._schedules_blocks else {"format": "deepspeed", "folder": SHARDS}
+        # Adam's state is in DeepSpeed's checkpoint (save_shards); a method whose trainable set changes keeps its
+        # optimizer's here (BAdam's block schedule).
+        return optimizer.state_dict() if self._set_changes else {"format": "deepspeed", "folder": SHARDS}
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        if self._schedules_blocks:
-            optimizer.load_state_dict(state)  # the saved block trains again: the engine is rebuilt for it
+        if self._set_changes:
+            optimizer.load_state_dict(state)  # what trained when it was saved trains again: rebuild the engine
             self.on_trainable_change(model, model)
         elif state.get("format") != "deepspeed":
             raise SlimtuneError("its optimizer state was not written by strategy=deepspeed; resume it with the "

@@ -14,8 +14,8 @@ batch_size B give the gradients of one process on N x B.
 - Checkpoints: rank 0 writes one ordinary model (the full state dict, gathered), so `slimtune export`, `chat` and a
   resume with any world size read it like any other; the optimizer state is saved sharded with
   torch.distributed.checkpoint (`optimizer/`, resharded on load for another world size). An optimizer with a state
-  format of its own (BAdam's BlockOptimizer, keyed by parameter name and holding one block) is gathered into
-  optimizer.pt instead, and every rank takes its shard back on resume.
+  format of its own (a method with `torch_optimizer_state` False: BAdam's BlockOptimizer, keyed by parameter name
+  and holding one block) is gathered into optimizer.pt instead, and every rank takes its shard back on resume.
 - Evaluation: ranks may hold different numbers of evaluation batches, and every FSDP forward is collective, so the
   weights are gathered once for the whole evaluation (as much memory as DDP's replica) and freed after it.
 """
@@ -78,10 +78,28 @@ def _full_tensors(value):
     return value
 
 
-def _keyed_by_parameter(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer keeps torch's state-dict format (state per parameter, in param groups), which
-    torch.distributed.checkpoint knows how to shard; optimizers with a format of their own say so by overriding it."""
-    return type(optimizer).state_dict is torch.optim.Optimizer.state_dict
+def _parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _with_state(optimizer: torch.optim.Optimizer) -> list[int]:
+    """Positions (over the param groups, in order) of the parameters that have optimizer state now."""
+    return [i for i, p in enumerate(_parameters(optimizer)) if optimizer.state.get(p)]
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: list[torch.Tensor], positions: set[int]):
+    """`requires_grad` set for exactly the parameters at `positions` inside, as it was after. torch.distributed.
+    checkpoint gives a state to, and loads one into, just the parameters that require grad; a method whose trainable
+    set changes may have saved state for another set than trains when it resumes."""
+    before = [p.requires_grad for p in params]
+    for i, p in enumerate(params):
+        p.requires_grad_(i in positions)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
 
 
 class _Forward(nn.Module):
@@ -101,8 +119,14 @@ class FSDP(DDP):
     """Weights, gradients and optimizer state sharded over the processes by torch's FSDP2."""
 
     config_cls = FsdpConfig
+    _torch_optimizer_state = True
+    """The method's optimizer keeps torch's state-dict format (`Method.torch_optimizer_state`), which
+    torch.distributed.checkpoint shards; set from the method in `check`."""
+    _saved_with_state: list[int] | None = None
+    """On resume: which parameters had optimizer state when the checkpoint was saved (None: not recorded)."""
 
     def check(self, method, model: nn.Module) -> None:
+        self._torch_optimizer_state = method.torch_optimizer_state
         if self.cfg.optim.name != "adamw":
             raise SlimtuneError(f"optim.name={self.cfg.optim.name} cannot run under strategy=fsdp: bitsandbytes' 8-bit "
                                 f"optimizers step plain tensors, not FSDP's sharded DTensors. Use optim.name=adamw "
@@ -221,20 +245,24 @@ class FSDP(DDP):
         return state
 
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        if _keyed_by_parameter(optimizer):  # sharded by save_shards; optimizer.pt says where
+        if self._torch_optimizer_state:  # sharded by save_shards; optimizer.pt says where, and for which parameters
             return {"format": "torch.distributed.checkpoint", "folder": OPTIMIZER_SHARDS,
-                    "world_size": self.world_size}
+                    "world_size": self.world_size, "with_state": _with_state(optimizer)}
         return _full_tensors(optimizer.state_dict())
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        if not _keyed_by_parameter(optimizer):
+        if not self._torch_optimizer_state:
             optimizer.load_state_dict(state)  # full tensors: the optimizer shards them like its parameters
         elif state.get("format") != "torch.distributed.checkpoint":
             raise SlimtuneError("its optimizer state was not written by strategy=fsdp (it is one process's, not "
                                 "sharded); resume it with the strategy that wrote it")
+        else:
+            self._saved_with_state = state.get("with_state")
 
     def save_shards(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if _keyed_by_parameter(optimizer):
+        # No state at all (a method dropped every moment, e.g. at a switch of what trains): nothing to save, and
+        # torch.distributed.checkpoint would give every parameter that requires grad a state, changing the next step.
+        if self._torch_optimizer_state and optimizer.state:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -242,10 +270,15 @@ class FSDP(DDP):
                      checkpoint_id=str(folder / OPTIMIZER_SHARDS))
 
     def load_shards(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        if _keyed_by_parameter(optimizer):
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        if not self._torch_optimizer_state or self._saved_with_state == []:
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        params = _parameters(optimizer)
+        saved = self._saved_with_state
+        with_state = set(saved) if saved is not None else {i for i, p in enumerate(params) if p.requires_grad}
+        with _requiring_grad(params, with_state):  # the parameters that had state when it was saved
             # The target's shapes come from this run's shards: torch.distributed.checkpoint reads what each rank
             # owns now, whatever world size wrote it.
             state = {"optimizer": get_optimizer_state_dict(model, optimizer)}

@@ -263,6 +263,7 @@ class Pipeline(DDP):
     config_cls = PipelineConfig
     data_rank, data_world_size = 0, 1  # one replica: every rank reads the whole batch
     _whole_model_peak: int | None = None  # bytes the whole model would need on one device (from estimate_memory)
+    follows_trainable_changes = False  # each stage's optimizer holds a fixed set of parameters
 
     def setup(self, device: torch.device) -> torch.device:
         if int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -292,7 +293,7 @@ class Pipeline(DDP):
                 f"{self.microbatches} micro-batches")
 
     def check(self, method, model: nn.Module) -> None:
-        if not method.fixed_trainable_set or not method.grads_in_param_grad:
+        if not (method.fixed_trainable_set or self.follows_trainable_changes) or not method.grads_in_param_grad:
             raise SlimtuneError(
                 f"method={method.name} cannot run under strategy=pipeline: each stage's optimizer holds a fixed set of "
                 f"parameters and the stages add shared weights' gradients in .grad, while {method.name} changes what "

@@ -307,6 +307,8 @@ def start_or_resume(run: Run, ckpt: Path | None) -> None:
             run.say(f"config: {run.out_dir / 'config.yaml'}")
         strategy.barrier()
         return
+    state = ckpt_io.load_state(ckpt, "trainer.pt")
+    run.method.load_state_dict(state.get("method", {}))  # first: it may decide what trains, which the next ones read
     try:
         strategy.load_optimizer_state_dict(run.model, run.optimizer, ckpt_io.load_state(ckpt, "optimizer.pt"))
     except (ValueError, KeyError, RuntimeError, SlimtuneError) as exc:
@@ -314,7 +316,6 @@ def start_or_resume(run: Run, ckpt: Path | None) -> None:
                             f"Resume with the method the checkpoint was trained with, or start fresh with "
                             f"resume=never.") from None
     strategy.load_shards(ckpt, run.model, run.optimizer)
-    state = ckpt_io.load_state(ckpt, "trainer.pt")
     run.step, run.tokens_seen = state["step"], state["tokens"]
     ranks = state["ranks"]
     # Ranks that read the same data (a pipeline's stages) resume the data position of their share.
@@ -327,7 +328,6 @@ def start_or_resume(run: Run, ckpt: Path | None) -> None:
     if strategy.data_rank < len(ranks):
         run.workload.load_state_dict(ranks[strategy.data_rank]["data"])
     run.precision.load_state_dict(state.get("precision", {}))
-    run.method.load_state_dict(state.get("method", {}))
     saved_decay = state.get("schedule", {}).get("decay_iters")
     if saved_decay is not None and saved_decay != run.decay_iters() and cfg.optim.decay_lr:
         run.say(f"warning: the checkpoint's cosine schedule decays over {saved_decay} steps, this run's over "

@@ -385,6 +385,12 @@ def test_bad_input_is_a_clear_error():
         make(model, block_prefix_list=[["model.layers."], ["model.layers.0."]])
 
 
+def test_ds_zero3_enabled_points_to_the_deepspeed_strategy():
+    with pytest.raises(SlimtuneError, match="ds_zero3_enabled=True .* method=badam strategy=deepspeed") as error:
+        make(tiny_llama(), ds_zero3_enabled=True)
+    assert "one process" not in str(error.value)
+
+
 def test_block_list_leaving_nothing_trainable_is_an_error():
     model = tiny_llama()
     only_layer0 = [p for n, p in model.named_parameters() if n.startswith("model.layers.0.")]
