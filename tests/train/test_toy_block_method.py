@@ -39,10 +39,10 @@ def toy():
 
 
 def common(char_data: Path) -> list[str]:
-    # Halves switch after steps 2 and 4 (half 0, 1, 0); a checkpoint after every step.
+    # Halves switch after steps 2 and 4 (half 0, 1, 0); a checkpoint after every step, an evaluation at the end.
     return [f"data={char_data}", *TINY, f"method={NAME}", f"{NAME}.switch_every=2", f"max_iters={STEPS}",
-            "eval.interval=0", "log.interval=1", "runtime.threads=1", "runtime.precision=fp32", "ckpt.interval=1",
-            "ckpt.keep_last=0", f"optim.lr_decay_iters={STEPS}"]
+            f"eval.interval={STEPS}", "log.interval=1", "runtime.threads=1", "runtime.precision=fp32",
+            "ckpt.interval=1", "ckpt.keep_last=0", f"optim.lr_decay_iters={STEPS}"]
 
 
 def records(out: Path, kind: str) -> list[dict]:
