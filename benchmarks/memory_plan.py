@@ -88,7 +88,7 @@ def main() -> None:
                         help="steps per run: under runtime.cpu_allocator=keep the resident peak settles after ~6")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
-                        help="runtime.precision of every run: fp32 weights under bf16 autocast with bf16 (default fp32)")
+                        help="runtime.precision of every run (bf16: fp32 weights under bf16 autocast; default fp32)")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw records here")
     args = parser.parse_args()
 

@@ -104,5 +104,6 @@ def cpu_class() -> str:
     info, flags = _cpuinfo(), cpu_flags()
     named = [("AVX-512", "avx512f"), ("AVX-512 BF16", "avx512_bf16"), ("VNNI", "avx512_vnni"), ("AMX", "amx_bf16")]
     features = [label for label, flag in named if flag in flags] or (["AVX2"] if "avx2" in flags else [])
-    where = f"family {info['cpu family']} model {info.get('model', '?')}" if "cpu family" in info else platform.machine()
+    where = (f"family {info['cpu family']} model {info.get('model', '?')}" if "cpu family" in info
+             else platform.machine())
     return f"{cpu_model_name()} ({where}; {', '.join(features) or 'no vector extensions named'})"
