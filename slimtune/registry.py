@@ -1,5 +1,9 @@
 """Plain registries for plug-ins: a dict from the name users type (`method=lora`, `strategy=ddp`) to a class.
 
+Four axes: METHODS (`method=`), STRATEGIES (`strategy=`), WORKLOADS (what is trained on, chosen by the model
+family) and FAMILIES (the kind of model: slimtune's GPT, a Hugging Face causal LM or classifier), which
+`slimtune.families.family_of` picks from the config.
+
 A class registers itself where it is defined, with a decorator; nothing else in slimtune keeps a list of names or
 branches on them. An unknown name is an error that lists the registered ones.
 
@@ -70,7 +74,8 @@ class Registry(Generic[T]):
         if not self._loaded:
             self._loaded = True
             package = importlib.import_module(self._package)
-            for info in pkgutil.iter_modules(package.__path__):
+            # A package registers what its modules define; a plain module (workloads, families) what it defines.
+            for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
                 importlib.import_module(f"{self._package}.{info.name}")
             import_plugin_modules()
 
@@ -93,3 +98,5 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", "slimtune.methods")
 STRATEGIES: Registry = Registry("strategy", "slimtune.parallel")
+WORKLOADS: Registry = Registry("workload", "slimtune.train.workloads")
+FAMILIES: Registry = Registry("model family", "slimtune.families")

@@ -57,6 +57,7 @@ import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.extras import require_bitsandbytes
+from slimtune.families import checkpoint_family
 from slimtune.plan.settings import NoEstimate
 
 if TYPE_CHECKING:
@@ -222,18 +223,14 @@ class Method:
     def export_checkpoint(self, source: Path, out_dir: Path, *, overwrite: bool = False, **options) -> Path:
         """Write `source` as a plain Hugging Face folder (safetensors) that transformers loads without slimtune.
         `options`: a method's own export options (the base method takes none)."""
-        from slimtune.models.hf import export_model, load_tokenizer
-        from slimtune.train import checkpoint as ckpt_io
+        from slimtune.models.hf import export_model
 
         if options:
             raise SlimtuneError(f"method={self.name} has no export option {', '.join(options)}")
-        if (source / "model_config.json").is_file() and ckpt_io.read_model_config(source).get("kind") == "hf-classifier":
-            from transformers import AutoModelForSequenceClassification
-
-            model = AutoModelForSequenceClassification.from_pretrained(str(source), local_files_only=True)
-            tokenizer = load_tokenizer(source)
-        else:
-            model, tokenizer = self.load_for_inference(source)
+        # The checkpoint's family may load it as its own plain class (a classifier); else the method loads it.
+        family = checkpoint_family(source)
+        loaded = family.load_plain(source) if family is not None else None
+        model, tokenizer = loaded if loaded is not None else self.load_for_inference(source)
         return export_model(model, tokenizer, out_dir, merge_in_place=True, overwrite=overwrite)
 
     # -- reporting ------------------------------------------------------------------------------------------------

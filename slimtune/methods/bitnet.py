@@ -25,6 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.families import GPTFamily
 from slimtune.methods.base import Method, refuse_eight_bit_adam
 from slimtune.registry import METHODS
 
@@ -194,7 +195,7 @@ class Bitnet(Method):
         GPTBigCode."""
         if options:
             raise SlimtuneError(f"method=bitnet has no export option {', '.join(options)}")
-        if _is_gpt_checkpoint(source):
+        if GPTFamily.owns_checkpoint(source):
             from slimtune.sample import load_gpt_checkpoint
 
             model, tokenizer, _ = load_gpt_checkpoint(source, "cpu")
@@ -222,13 +223,6 @@ class Bitnet(Method):
         refuse_eight_bit_adam(run, "bitnet")
         return (bitnet_state(spec, run.weight_dtype, master_weights=run.master_weights, checkpointing=run.checkpointing)
                 + activation_bytes(spec, run.batch, run.seq, **run.activation_options()))
-
-
-def _is_gpt_checkpoint(source: Path) -> bool:
-    from slimtune.train import checkpoint as ckpt_io
-
-    return (Path(source) / "model_config.json").is_file() and \
-        ckpt_io.read_model_config(Path(source)).get("kind", "gpt") == "gpt"
 
 
 def export_bitnet(model: nn.Module, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:

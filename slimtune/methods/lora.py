@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
 from slimtune.extras import require_bitsandbytes, require_peft, require_torchao
+from slimtune.families import ModelFamily, checkpoint_family, family_of
 from slimtune.methods.badam import BAdam
 from slimtune.methods.base import Method, OptimizerContext, build_adam, decay_groups, trainable_numel
 from slimtune.methods.lora_adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FINGERPRINT, CLASSIFIER_HEADS,
@@ -223,20 +224,16 @@ class Lora(Method):
         for name in saved:
             if not any(n == name or n.endswith("." + name) for n, _ in model.named_modules()):
                 raise SlimtuneError(f"{self.name}.modules_to_save: {name!r} is no module of this model")
-        if not self.cfg.is_gpt and self.cfg.hf.task == "classify":
-            saved += [h for h in CLASSIFIER_HEADS if isinstance(getattr(model, h, None), nn.Module) and h not in saved]
-        task = None if self.cfg.is_gpt else "SEQ_CLS" if self.cfg.hf.task == "classify" else "CAUSAL_LM"
-        return PeftLoraConfig(task_type=task, r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+        family = family_of(self.cfg)
+        saved += [h for h in family.trainable_heads
+                  if isinstance(getattr(model, h, None), nn.Module) and h not in saved]
+        return PeftLoraConfig(task_type=family.peft_task_type, r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
                               target_modules=resolve_targets(model, list(o.target_modules)),
                               modules_to_save=saved or None, use_rslora=o.use_rslora, use_dora=o.use_dora,
                               init_lora_weights=INITS[o.init])
 
     def _base_path(self) -> str:
-        if self.cfg.is_gpt:
-            return "gpt"
-        from slimtune.models.hf import resolve_model
-
-        return str(resolve_model(self.cfg.model).resolve())
+        return family_of(self.cfg).base_model_path()
 
     # -- optimization ---------------------------------------------------------------------------------------------
 
@@ -290,20 +287,15 @@ class Lora(Method):
 
     def load_base(self, source: Path, trust_remote_code: bool = False):
         """(frozen base model, tokenizer) as the run that wrote the checkpoint `source` loaded them."""
-        from slimtune.models.hf import load_causal_lm, load_sequence_classifier, load_tokenizer
+        from slimtune.models.build import DTYPES
+        from slimtune.models.hf import load_tokenizer
         from slimtune.train import checkpoint as ckpt_io
 
-        kind = ckpt_io.read_model_config(source).get("kind")
-        from slimtune.models.build import DTYPES
-
+        ckpt_io.read_model_config(source)  # a checkpoint folder, or the error saying it is none
+        family = checkpoint_family(source) or ModelFamily  # the family's own head (a classifier's labels)
         trust = trust_remote_code or self.cfg.hf.trust_remote_code
         extra = {"dtype": DTYPES[self.cfg.hf.weights_dtype], **self.load_options()}
-        if kind == "hf-classifier":
-            labels = ckpt_io.read_model_config(source)["labels"]
-            model, _ = load_sequence_classifier(self.cfg.model, num_labels=len(labels), label_names=labels,
-                                                trust_remote_code=trust, **extra)
-        else:
-            model, _ = load_causal_lm(self.cfg.model, trust_remote_code=trust, **extra)
+        model = family.load_base(self.cfg.model, source, trust_remote_code=trust, **extra)
         return model, load_tokenizer(source)
 
     def load_adapter_model(self, source: Path, trust_remote_code: bool = False):
@@ -437,9 +429,9 @@ class Qlora(Lora):
         return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
 
     def load_options(self) -> dict[str, Any]:
-        if self.cfg.is_gpt:
-            raise SlimtuneError("method=qlora quantizes a Hugging Face model while loading it; model=gpt is built "
-                                "from scratch (use method=lora for it)")
+        if not family_of(self.cfg).loads_pretrained:
+            raise SlimtuneError(f"method=qlora quantizes a Hugging Face model while loading it; model={self.cfg.model} "
+                                "is built from scratch (use method=lora for it)")
         o = self.options
         if o.backend == "torchao":
             require_torchao("qlora.backend=torchao")

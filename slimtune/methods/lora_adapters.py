@@ -22,14 +22,15 @@ import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.families import HFClassifierFamily
 from slimtune.quant.four_bit import dequantized_weight, is_quantized
 
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_FINGERPRINT = "slimtune_base.json"
-# Classification heads that transformers initialises fresh for hf.task=classify: they must train and be saved.
-CLASSIFIER_HEADS = ("score", "classifier")
+# Classification heads that transformers initialises fresh for a sequence classifier: they must train and be saved.
+CLASSIFIER_HEADS = HFClassifierFamily.trainable_heads
 
 
 def linear_names(model: nn.Module) -> list[str]:

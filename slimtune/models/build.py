@@ -22,14 +22,24 @@ class BuiltModel:
 
 def build_model(cfg, spec: dict, load_options: dict) -> BuiltModel:
     """`spec`: the workload's `model_spec()`; `load_options`: the method's `load_options()` (keys: dtype,
-    quantization_config)."""
-    if cfg.is_gpt:
-        from slimtune.models.gpt import GPT, GPTConfig
+    quantization_config). The run's model family (`slimtune.families`) builds it."""
+    from slimtune.families import family_of
 
-        model = GPT(GPTConfig(vocab_size=spec["vocab_size"], **asdict(cfg.gpt)))
-        g = cfg.gpt
-        return BuiltModel(model, asdict(model.config),
-                          f"GPT {g.n_layer}x{g.n_embd}, {model.num_params() / 1e6:.2f}M parameters")
+    return family_of(cfg).build_model(spec, load_options)
+
+
+def build_gpt(cfg, spec: dict) -> BuiltModel:
+    """slimtune's GPT from the gpt.* keys and the data's vocabulary."""
+    from slimtune.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=spec["vocab_size"], **asdict(cfg.gpt)))
+    g = cfg.gpt
+    return BuiltModel(model, asdict(model.config),
+                      f"GPT {g.n_layer}x{g.n_embd}, {model.num_params() / 1e6:.2f}M parameters")
+
+
+def build_hf(cfg, spec: dict, load_options: dict) -> BuiltModel:
+    """A Hugging Face causal LM, or a sequence classifier where the data has labels (`spec["label_names"]`)."""
     from slimtune.models.hf import enable_checkpointing, load_causal_lm, load_sequence_classifier
 
     dtype = load_options.get("dtype", DTYPES[cfg.hf.weights_dtype])

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.families import family_of
 from slimtune.parallel.ddp import DDP
 from slimtune.parallel.partition import partition
 from slimtune.parallel.units import Chain, Units, cut_units
@@ -350,7 +351,7 @@ class Pipeline(DDP):
         from slimtune.parallel.profile import profile_units
 
         rows = self.cfg.batch_size // self.microbatches
-        seq = self.cfg.gpt.block_size if self.cfg.is_gpt else self.cfg.dataset.max_seq_len
+        seq = family_of(self.cfg).seq_len()
         costs = profile_units(units, units.example(rows, seq), repeats=self.options.profile_repeats)
         return plan_partition(costs, self.n_stages, self.options.schedule, self.microbatches,
                               balance=self.options.balance, memory_cap=self.options.memory_cap or None)

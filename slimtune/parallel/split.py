@@ -46,6 +46,7 @@ def plan_split(cfg, stages: int, by: str, memory_cap: int | None, repeats: int) 
     import torch
 
     from slimtune import methods
+    from slimtune.families import family_of
     from slimtune.models.build import build_model
     from slimtune.parallel.partition import equal_layer_split
     from slimtune.parallel.pipeline import PipelineConfig, check_microbatches, plan_partition
@@ -57,7 +58,8 @@ def plan_split(cfg, stages: int, by: str, memory_cap: int | None, repeats: int) 
     microbatches = options.microbatches or stages
     method = methods.create(cfg)
     torch.manual_seed(cfg.seed)
-    spec = {"vocab_size": cfg_vocab(cfg)} if cfg.is_gpt else {}
+    family = family_of(cfg)
+    spec = family.spec_without_data()
     built = build_model(cfg, spec, method.load_options())
     model = method.prepare(built.model)
     units = cut_units(model, options.split_point_list())
@@ -69,7 +71,7 @@ def plan_split(cfg, stages: int, by: str, memory_cap: int | None, repeats: int) 
         raise SlimtuneError(f"batch_size={cfg.batch_size} does not divide into pipeline.microbatches={microbatches} "
                             f"micro-batches; make batch_size a multiple of it")
     rows = cfg.batch_size // microbatches
-    seq = cfg.gpt.block_size if cfg.is_gpt else cfg.dataset.max_seq_len
+    seq = family.seq_len()
     costs = profile_units(units, units.example(rows, seq), repeats=repeats)
     balanced = plan_partition(costs, stages, schedule, microbatches, balance=by, memory_cap=memory_cap)
     equal = equal_layer_split(len(units), stages)

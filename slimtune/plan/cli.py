@@ -154,8 +154,10 @@ def _train_config(items: list[str], method: str, extra: list[str] = ()):
 
 
 def _settings(args, spec: ModelSpec, cfg, checkpointing: bool) -> RunSettings:
-    is_gpt = args.model == "gpt"
-    seq = args.seq or (cfg.gpt.block_size if is_gpt else 1024)
+    from slimtune.families import family_of
+
+    family = family_of(cfg, model=args.model or "")  # a --preset is a Hugging Face causal LM's shape
+    seq = args.seq or family.estimate_seq_len()
     if args.loss_chunk is not None:
         chunk = args.loss_chunk or None
     else:  # slimtune's fused head + loss runs for Llama-like models (SwiGLU + RMSNorm); its GPT has full logits
@@ -164,7 +166,7 @@ def _settings(args, spec: ModelSpec, cfg, checkpointing: bool) -> RunSettings:
                        act_dtype=args.precision, checkpointing=checkpointing, optimizer=args.optimizer,
                        master_weights=args.master_weights, device=args.device_kind, world_size=args.devices,
                        grad_accum=args.grad_accum, attention=args.attention, loss_chunk=chunk,
-                       logits_fp32=not is_gpt)
+                       logits_fp32=family.logits_fp32)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimtune.errors import SlimtuneError
+from slimtune.families import family_of
 from slimtune.plan.estimate import ModelSpec, Plan, baseline_plan, format_bytes
 from slimtune.plan.parts import MiB
 from slimtune.plan.settings import NoEstimate, RunSettings
@@ -57,17 +58,9 @@ def spec_from_model(model: torch.nn.Module) -> ModelSpec:
 
 
 def spec_before_loading(cfg, data_spec: dict) -> ModelSpec:
-    """The `ModelSpec` a run will build, from its config and the workload's `model_spec()` (no weights loaded)."""
-    if cfg.is_gpt:
-        return ModelSpec.from_gpt(vocab_size=data_spec["vocab_size"], **asdict(cfg.gpt))
-    if "label_names" in data_spec:
-        raise NoEstimate("the planner covers causal language models, not classifiers (hf.task=classify)")
-    from slimtune.models.hf import resolve_model
-
-    try:
-        return ModelSpec.from_hf_config(resolve_model(cfg.model))
-    except SlimtuneError as exc:
-        raise NoEstimate(str(exc)) from None
+    """The `ModelSpec` a run will build, from its config and the workload's `model_spec()` (no weights loaded):
+    the run's model family says it, or raises `NoEstimate` with the reason."""
+    return family_of(cfg).spec_before_loading(data_spec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,25 +78,14 @@ def run_settings(cfg, precision, world_size: int, weight_dtype: torch.dtype, *, 
     """`RunSettings` of a training run: its batch, longest sequence, dtypes, checkpointing and loss.
 
     The sequence is the longest one (gpt.block_size, or dataset.max_seq_len that batches are padded up to at
-    most): the peak is reached on the longest batch.
+    most): the peak is reached on the longest batch. The model family fills in what depends on the kind of model
+    (sequence, logits dtype, checkpointing, attention, loss chunk).
     """
     weights = DTYPE_NAMES[weight_dtype]
     acts = weights if precision.dtype == torch.float32 else DTYPE_NAMES[precision.dtype]
     common = dict(batch=cfg.batch_size, weight_dtype=weights, act_dtype=acts, device=precision.device.type,
                   world_size=world_size, grad_accum=cfg.optim.grad_accum, cpu_allocator=cfg.runtime.cpu_allocator)
-    if cfg.is_gpt:
-        # slimtune's GPT: full logits, cross-entropy in the logits' own dtype, SDPA attention.
-        return RunSettings(seq=cfg.gpt.block_size, logits_fp32=False, **common)
-    from slimtune.train.loss import fused_head_backbone
-
-    attention = "flash"
-    chunk = _loss_chunk_default()
-    if model is not None:
-        implementation = getattr(model.config, "_attn_implementation", None)
-        attention = "eager" if implementation == "eager" else "flash"
-        chunk = chunk if fused_head_backbone(model) is not None else None
-    return RunSettings(seq=cfg.dataset.max_seq_len, checkpointing=cfg.hf.gradient_checkpointing, attention=attention,
-                       loss_chunk=chunk, logits_fp32=True, **common)
+    return family_of(cfg).run_settings(common, model=model)
 
 
 def _weight_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -236,8 +218,7 @@ def plan_before_loading(cfg, data_spec: dict, method, strategy, precision) -> No
         spec = spec_before_loading(cfg, data_spec)
         dtype = method.load_options().get("dtype")
         if dtype is None:
-            dtype = torch.float32 if cfg.is_gpt else {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                                      "fp16": torch.float16}[cfg.hf.weights_dtype]
+            dtype = family_of(cfg).storage_dtype()
         run = run_settings(cfg, precision, strategy.world_size, dtype)
         plan = _estimate(spec, method, strategy, run, _baseline(device, _resident_now(device)))
     except NoEstimate:

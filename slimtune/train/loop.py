@@ -235,11 +235,10 @@ def dry_run(cfg: TrainConfig) -> str:
     path) without training or writing anything; returns the report `slimtune train --dry-run` prints."""
     import yaml
 
-    from slimtune.models.hf import resolve_model
+    from slimtune.families import family_of
 
     out_dir = check_out_dir(Path(cfg.out_dir), create=False)
-    if not cfg.is_gpt:
-        resolve_model(cfg.model)
+    family_of(cfg).resolve()  # the model's files are found (a Hugging Face model), nothing is loaded
     ckpt = ckpt_io.resolve_resume(cfg.resume, out_dir, warn=lambda text: None)
     workload = build_workload(cfg, 0, 1, torch.device("cpu"), write_cache=False)
     apply_num_epochs(cfg, workload)

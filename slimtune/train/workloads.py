@@ -7,6 +7,10 @@ The training loop is the same for every workload; only these few operations diff
                           tokens masked, optional packing)
     HFClassifierWorkload  an encoder (BERT/RoBERTa-class) or decoder with a new classification head on JSONL labels
 
+Workloads register themselves in `slimtune.registry.WORKLOADS`; the run's model family (`slimtune.families`) names
+the one that trains it, and `build_workload` builds that one and hands it the family (`workload.family`), so the
+loop, the methods and the strategies ask the workload or its family rather than the config which kind of model runs.
+
 The loss of a batch is a *sum* over its targets (`loss_sum`), and `count_targets` says how many there are without
 running the model: a strategy divides by the targets of the whole optimizer step (all micro-batches, all ranks), so
 gradient accumulation and data parallelism weigh every target token equally, however the tokens fall into
@@ -25,15 +29,18 @@ import torch
 import torch.nn as nn
 
 from slimtune.errors import SlimtuneError
+from slimtune.registry import WORKLOADS
 
 
 class Workload:
     """Interface of a workload (see the module docstring). Attributes set by subclasses:
 
     n_train_examples  examples (windows, conversations) in one pass over the training data
+    family            the run's `slimtune.families.ModelFamily` (set by `build_workload`)
     """
 
     n_train_examples: int
+    family: Any = None
 
     def model_spec(self) -> dict:
         """What the model builder needs to know from the data (e.g. the vocabulary size, the labels)."""
@@ -103,8 +110,9 @@ class Workload:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@WORKLOADS.register("gpt")
 class LMWorkload(Workload):
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device):
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True):
         from slimtune.data.prepare import read_meta
         from slimtune.data.windows import TokenWindows
 
@@ -253,6 +261,7 @@ class _HFWorkload(Workload):
         return f"{len(self.train_set)} training sequences{val}{cached}"
 
 
+@WORKLOADS.register("hf-causal-lm")
 class HFCausalLMWorkload(_HFWorkload):
     """Tokenized data is cached in out_dir/data-cache (`slimtune.data.cache`); `write_cache=False` only reads it."""
 
@@ -304,6 +313,7 @@ class HFCausalLMWorkload(_HFWorkload):
         (fused_head_backbone(model) or model).compile()
 
 
+@WORKLOADS.register("hf-classifier")
 class HFClassifierWorkload(_HFWorkload):
     """Tokenized data is cached as for the causal LM (`HFCausalLMWorkload`), the label ids with it."""
 
@@ -343,9 +353,10 @@ class HFClassifierWorkload(_HFWorkload):
 
 
 def build_workload(cfg, rank: int, world_size: int, device: torch.device, write_cache: bool = True) -> Workload:
-    """The workload of `cfg`; `write_cache=False` (a dry run) writes no tokenized-data cache."""
-    if cfg.is_gpt:
-        return LMWorkload(cfg, rank, world_size, device)
-    if cfg.hf.task == "classify":
-        return HFClassifierWorkload(cfg, rank, world_size, device, write_cache)
-    return HFCausalLMWorkload(cfg, rank, world_size, device, write_cache)
+    """The workload of `cfg`'s model family; `write_cache=False` (a dry run) writes no tokenized-data cache."""
+    from slimtune.families import family_of
+
+    family = family_of(cfg)
+    workload = WORKLOADS.get(family.workload)(cfg, rank, world_size, device, write_cache=write_cache)
+    workload.family = family
+    return workload
