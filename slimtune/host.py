@@ -69,10 +69,14 @@ def cpu_identity() -> str:
             f"|isa={isa}|aten={aten}")
 
 
+def cache_dir() -> Path:
+    """slimtune's cache folder (measurements, converted GGUF models): `$SLIMTUNE_CACHE`, else `~/.cache/slimtune`."""
+    return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune").expanduser()
+
+
 def cache_file(name: str) -> Path:
-    """A file in slimtune's cache folder: $SLIMTUNE_CACHE, else ~/.cache/slimtune."""
-    root = Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
-    return root / name
+    """A file in slimtune's cache folder (`cache_dir`)."""
+    return cache_dir() / name
 
 
 def read_cache(cache: Path) -> dict:

@@ -21,13 +21,13 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from slimtune.atomic import check_new_folder, write_folder_atomically
 from slimtune.errors import SlimtuneError
+from slimtune.host import cache_dir
 
 
 def _quiet_optional_imports() -> None:
@@ -68,11 +68,6 @@ _EXPECTED = (
 # ---------------------------------------------------------------------------------------------------------------
 # Finding a model
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: `$SLIMTUNE_CACHE`, else `~/.cache/slimtune`."""
-    return Path(os.environ.get("SLIMTUNE_CACHE") or Path.home() / ".cache" / "slimtune").expanduser()
 
 
 def builtin_gguf_path(name: str) -> Path:
